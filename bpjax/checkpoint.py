@@ -1,0 +1,65 @@
+"""Checkpoints behind one pair of functions: save, and restore the latest.
+
+Orbax writes each checkpoint into a temporary directory and renames it into
+place only once complete, so a crash never leaves a half-written checkpoint that
+``restore_latest`` would pick up. Each checkpoint carries the architecture it
+was made for; restoring into another architecture is refused with a clear
+error instead of a shape error deep inside Orbax.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this run; the message says why."""
+
+
+def checkpoint_manager(workdir: str, *, keep: int = 2) -> ocp.CheckpointManager:
+    """A manager for ``<workdir>/checkpoints`` keeping the newest ``keep``."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save_checkpoint(
+    manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict[str, Any]
+) -> None:
+    """Saves ``state`` (any pytree of arrays) as checkpoint ``epoch``; asynchronous.
+
+    Call ``manager.wait_until_finished()`` before relying on it being on disk.
+    """
+    manager.save(
+        epoch,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, target: Any, meta: dict[str, Any]
+) -> tuple[Any, int] | None:
+    """Restores the newest checkpoint into the structure of ``target``.
+
+    Returns ``(state, epoch)``, or ``None`` when there is no checkpoint. Raises
+    :class:`CheckpointError` when the checkpoint's ``meta`` (architecture,
+    dtype, optimizer) differs from this run's.
+    """
+    manager.wait_until_finished()
+    epoch = manager.latest_step()
+    if epoch is None:
+        return None
+    saved = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    diffs = [f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in meta.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {manager.directory}/{epoch} was made for another run: {'; '.join(diffs)}."
+            " Use a new --workdir, or the flags the checkpoint was made with"
+        )
+    restored = manager.restore(
+        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )
+    return restored["state"], epoch
