@@ -1,19 +1,44 @@
-"""bpjax: backpropagation by hand in JAX, checked against ``jax.grad``."""
+"""bpjax: backpropagation by hand in JAX, checked against ``jax.grad``.
+
+The network is pure functions over a params pytree (``init_params``,
+``predict``, ``loss_fn``); ``manual_grad`` implements the documents' formulas;
+``train(Config(...))`` runs the training loop that ``launch.py`` runs.
+"""
 
 from bpjax.activations import ACTIVATIONS
+from bpjax.checkpoint import CheckpointError
+from bpjax.config import Config, ConfigError
+from bpjax.data import DataError, Dataset, default_cache_dir, load_dataset, make_regression
 from bpjax.formulas import accumulated_grad, manual_grad, per_example_grads
 from bpjax.losses import LOSSES
+from bpjax.methods import METHODS, grad_fn
 from bpjax.network import forward, init_params, layer_sizes, loss_fn, predict
+from bpjax.train import TrainingError, TrainResult, evaluate, read_metrics, train
 
 __all__ = [
     "ACTIVATIONS",
     "LOSSES",
+    "METHODS",
+    "CheckpointError",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "Dataset",
+    "TrainResult",
+    "TrainingError",
     "accumulated_grad",
+    "default_cache_dir",
+    "evaluate",
     "forward",
+    "grad_fn",
     "init_params",
     "layer_sizes",
+    "load_dataset",
     "loss_fn",
+    "make_regression",
     "manual_grad",
     "per_example_grads",
     "predict",
+    "read_metrics",
+    "train",
 ]

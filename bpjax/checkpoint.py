@@ -10,9 +10,13 @@ error instead of a shape error deep inside Orbax.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orbax.checkpoint as ocp
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+
+# Orbax is imported inside the functions: importing it defines absl flags, and
+# importing bpjax must define none (notebooks re-run cells; see tests).
 
 
 class CheckpointError(ValueError):
@@ -21,6 +25,8 @@ class CheckpointError(ValueError):
 
 def checkpoint_manager(workdir: str, *, keep: int = 2) -> ocp.CheckpointManager:
     """A manager for ``<workdir>/checkpoints`` keeping the newest ``keep``."""
+    import orbax.checkpoint as ocp
+
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager(directory, options=options)
@@ -33,6 +39,8 @@ def save_checkpoint(
 
     Call ``manager.wait_until_finished()`` before relying on it being on disk.
     """
+    import orbax.checkpoint as ocp
+
     manager.save(
         epoch,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -48,12 +56,16 @@ def restore_latest(
     :class:`CheckpointError` when the checkpoint's ``meta`` (architecture,
     dtype, optimizer) differs from this run's.
     """
+    import orbax.checkpoint as ocp
+
     manager.wait_until_finished()
     epoch = manager.latest_step()
     if epoch is None:
         return None
     saved = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    diffs = [f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in meta.items() if saved.get(k) != v]
+    diffs = [
+        f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in meta.items() if saved.get(k) != v
+    ]
     if diffs:
         raise CheckpointError(
             f"checkpoint {manager.directory}/{epoch} was made for another run: {'; '.join(diffs)}."

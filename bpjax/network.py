@@ -43,7 +43,7 @@ def init_params(key: Array, sizes: Any, dtype: Any = jnp.float32) -> Params:
         raise ValueError(f"sizes must be at least two positive widths (n_0, ..., n_L), got {sizes}")
     keys = jax.random.split(key, len(sizes) - 1)
     params = []
-    for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:]):
+    for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:], strict=False):
         u = np.sqrt(6.0 / (n_in + n_out))
         W = jax.random.uniform(k, (n_out, n_in), dtype, minval=-u, maxval=u)
         params.append({"W": W, "b": jnp.zeros((n_out,), dtype)})
@@ -52,7 +52,7 @@ def init_params(key: Array, sizes: Any, dtype: Any = jnp.float32) -> Params:
 
 def layer_sizes(params: Params) -> tuple[int, ...]:
     """``(n_0, n_1, ..., n_L)`` read off the weight shapes."""
-    return (params[0]["W"].shape[1],) + tuple(p["W"].shape[0] for p in params)
+    return (params[0]["W"].shape[1], *tuple(p["W"].shape[0] for p in params))
 
 
 def check_inputs(params: Params, x: Array, y: Array) -> None:
@@ -63,9 +63,9 @@ def check_inputs(params: Params, x: Array, y: Array) -> None:
             f"x must be (M, {sizes[0]}) or ({sizes[0]},) for a network of sizes {sizes}, "
             f"got {x.shape}"
         )
-    if y.shape != x.shape[:-1] + (sizes[-1],):
+    if y.shape != (*x.shape[:-1], sizes[-1]):
         raise ValueError(
-            f"y must be {x.shape[:-1] + (sizes[-1],)} (one target row per sample, "
+            f"y must be {(*x.shape[:-1], sizes[-1])} (one target row per sample, "
             f"one-hot for cross-entropy), got {y.shape}"
         )
 
