@@ -43,7 +43,7 @@ def init_params(key: Array, sizes: Any, dtype: Any = jnp.float32) -> Params:
         raise ValueError(f"sizes must be at least two positive widths (n_0, ..., n_L), got {sizes}")
     keys = jax.random.split(key, len(sizes) - 1)
     params = []
-    for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:], strict=False):
+    for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:], strict=True):
         u = np.sqrt(6.0 / (n_in + n_out))
         W = jax.random.uniform(k, (n_out, n_in), dtype, minval=-u, maxval=u)
         params.append({"W": W, "b": jnp.zeros((n_out,), dtype)})
