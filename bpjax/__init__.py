@@ -13,6 +13,7 @@ from bpjax.formulas import accumulated_grad, manual_grad, per_example_grads
 from bpjax.losses import LOSSES
 from bpjax.methods import METHODS, grad_fn
 from bpjax.network import forward, init_params, layer_sizes, loss_fn, predict
+from bpjax.privacy import clipped_grad, per_example_grad_norms, private_grad, private_grad_fn
 from bpjax.train import TrainingError, TrainResult, evaluate, read_metrics, train
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "accumulated_grad",
+    "clipped_grad",
     "default_cache_dir",
     "evaluate",
     "forward",
@@ -37,8 +39,11 @@ __all__ = [
     "loss_fn",
     "make_regression",
     "manual_grad",
+    "per_example_grad_norms",
     "per_example_grads",
     "predict",
+    "private_grad",
+    "private_grad_fn",
     "read_metrics",
     "train",
 ]

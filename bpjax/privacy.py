@@ -1,0 +1,334 @@
+r"""Per-example gradient norms, per-example clipping and DP-SGD without per-example gradients.
+
+Dimension legend as in ``formulas.py``: L layers, N_l units in layer l, M samples;
+row layout, so ``x: (M, N_0)``, Z^l and A^l are ``(M, N_l)``, W^l is ``(N_l, N_{l-1})``.
+
+Why no per-example gradient is needed. The second document's section 6 writes the
+batch gradient as a sum over samples,
+
+    dW^l = Σ_m dZ^l_m (A^{l-1}_m)^T,        db^l = Σ_m dZ^l_m,            (6)
+
+so sample m's share of dW^l is the outer product of two vectors it already has: its
+row dZ^l_m of the error matrix (section 7, built by (7.1)-(7.2) for all samples at
+once; samples never interact, so each row is exactly that sample's error) and its
+row A^{l-1}_m of the activations. An outer product's Frobenius norm is the product of
+the two vector norms (Goodfellow 2015, "Efficient per-example gradient computations"):
+
+    ||g_m||² = Σ_l ||dZ^l_m||² (||A^{l-1}_m||² + 1)                          (N)
+
+(the ``+ 1`` is the bias, db^l_m = dZ^l_m). Clipping sample m by c_m scales its row,
+so the clipped sum is again one matrix product (Li et al. 2021, "ghost clipping"):
+
+    Σ_m c_m g_m :   dW^l = (dZ^l)^T diag(c) A^{l-1},   db^l = (dZ^l)^T c       (C)
+
+DP-SGD (Abadi et al. 2016) then adds Gaussian noise of standard deviation σ·C to
+the clipped sum and divides by M:
+
+    g̃ = (Σ_m c_m g_m + N(0, (σ C)² I)) / M,   c_m = min(1, C / ||g_m||)      (P)
+
+Here g_m = ∇ℓ(z^L_m, y_m) is the gradient of sample m's own loss, so dZ^L_m =
+``loss.error(z_m, y_m)`` with **no** 1/M (that 1/M belongs to the batch mean in
+``formulas.py``); with C = ∞ and σ = 0, (P) is exactly ``manual_grad``.
+
+Sum or mean. ``per_example_grad_norms`` returns norms, ``clipped_grad`` the clipped
+**sum** (C), and ``private_grad`` / ``private_grad_fn`` the noised **mean** (P). The
+single 1/M and the noise live in ``_noise_and_average`` only.
+
+Conventions follow ``optax.contrib.differentially_private_aggregate`` so the two can
+be compared key for key: c_m = nan_to_num(min(C / ||g_m||, 1), nan=1) (no epsilon; a
+zero gradient gets c_m = 1), and the noise for the k-th leaf of the flattened params
+is ``normal(split(key, n_leaves + 1)[k + 1])``.
+
+Two routes, the same answer (``private_grad_fn``):
+
+* ``"manual"``: equations (N) and (C), one forward and one backward pass over
+  ``(M, N_l)`` error matrices; memory O(M Σ_l N_l), like an ordinary step.
+* every other method: per-example gradients, O(M · #params) memory, then
+  clipped and summed as optax does: ``jax.vmap(jax.grad(ℓ))`` for ``autodiff`` and
+  ``autodiff_vmap`` (and any method without a route of its own), the first
+  document's single-sample formulas under ``jax.vmap`` for ``manual_vmap``, and
+  section 8's one-sample-at-a-time ``lax.scan`` for ``per_sample`` (O(#params)).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bpjax.activations import get_activation
+from bpjax.formulas import manual_grad_and_output
+from bpjax.losses import get_loss
+from bpjax.methods import METHODS
+from bpjax.network import Params, check_inputs, forward, predict
+
+Array = jax.Array
+PrivateGradFn = Callable[[Params, Array, Array, Array], tuple[Params, Array]]
+
+
+# --------------------------------------------------------------------------- manual route
+def per_sample_errors(
+    params: Params, x: Array, y: Array, *, activation: str, loss: str
+) -> tuple[list[Array], list[Array], Array]:
+    """Forward, then (7.1)-(7.2) for the per-sample losses ℓ_m (no 1/M).
+
+    Returns:
+      ``(dZs, activations, Z_L)``: ``dZs[l]`` is dℓ_m/dZ^{l+1} for every row m,
+      ``(M, N_{l+1})``; ``activations[l]`` is A^l ``(M, N_l)`` with A^0 = x;
+      ``Z_L: (M, N_L)`` the output.
+    """
+    check_inputs(params, x, y)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a batch (M, n_0), got {x.shape}")
+    _, sigma_prime = get_activation(activation)
+    zs, activations = forward(params, x, activation)
+    dZs: list[Array] = [None] * len(params)  # type: ignore[list-item]
+    dZs[-1] = get_loss(loss).error(zs[-1], y)                           # (7.1), without 1/M
+    for l in reversed(range(1, len(params))):
+        dZs[l - 1] = (dZs[l] @ params[l]["W"]) * sigma_prime(zs[l - 1])  # (7.2)
+    return dZs, activations, zs[-1]
+
+
+def _sq_row_norms(a_MxN: Array) -> Array:
+    return jnp.sum(jnp.square(a_MxN), axis=1)
+
+
+def _norms_from_errors(dZs: list[Array], activations: list[Array]) -> Array:
+    # (N): ||g_m||² = Σ_l ||dZ^l_m||² (||A^{l-1}_m||² + 1), W and b of every layer.
+    sq_M = sum(
+        _sq_row_norms(dZ) * (_sq_row_norms(A) + 1)
+        for dZ, A in zip(dZs, activations, strict=True)
+    )
+    return jnp.sqrt(sq_M)
+
+
+def per_example_grad_norms(
+    params: Params,
+    x: Array,
+    y: Array,
+    *,
+    activation: str = "relu",
+    loss: str = "softmax_cross_entropy",
+) -> Array:
+    """``(M,)`` global L2 norms of the per-example gradients ∇ℓ(z^L_m, y_m), eq. (N).
+
+    Over all layers, weights and biases; the gradient of sample m's own loss (not
+    of the batch mean, so not divided by M). Equals
+    ``vmap(jax.grad(ℓ))`` followed by each example's norm, without ever forming
+    the per-example gradients.
+    """
+    dZs, activations, _ = per_sample_errors(params, x, y, activation=activation, loss=loss)
+    return _norms_from_errors(dZs, activations)
+
+
+def clip_factors(norms_M: Array, clip: float | Array) -> Array:
+    """c_m = min(1, C / ||g_m||), as optax's ``per_example_global_norm_clip``.
+
+    No epsilon: a zero gradient gives C / 0 = inf, so c_m = 1; 0 / 0 (C = 0) is NaN
+    and optax maps it to 1 as well.
+    """
+    return jnp.nan_to_num(jnp.minimum(clip / jnp.asarray(norms_M), 1.0), nan=1.0)
+
+
+def clipped_grad_and_norms(
+    params: Params,
+    x: Array,
+    y: Array,
+    *,
+    clip: float | Array,
+    activation: str = "relu",
+    loss: str = "softmax_cross_entropy",
+) -> tuple[Params, Array, Array]:
+    """The clipped **sum** Σ_m c_m g_m by ghost clipping, eq. (C).
+
+    Returns:
+      ``(grads_sum, norms, outputs)``: the params pytree (a sum over the batch,
+      not a mean), the ``(M,)`` per-example norms before clipping, and Z^L ``(M, N_L)``.
+    """
+    dZs, activations, Z_L = per_sample_errors(params, x, y, activation=activation, loss=loss)
+    norms_M = _norms_from_errors(dZs, activations)
+    c_M = clip_factors(norms_M, clip)
+    grads: Params = []
+    for dZ, A in zip(dZs, activations, strict=True):
+        cdZ = dZ * c_M[:, None]                 # dZ^l diag(c), row m scaled by c_m
+        grads.append({
+            "W": cdZ.T @ A,                     # (C), (7.3): Σ_m c_m dZ^l_m (A^{l-1}_m)^T
+            "b": jnp.sum(cdZ, axis=0),          # (C), (7.4): Σ_m c_m dZ^l_m
+        })
+    return grads, norms_M, Z_L
+
+
+def clipped_grad(
+    params: Params,
+    x: Array,
+    y: Array,
+    *,
+    clip: float | Array,
+    activation: str = "relu",
+    loss: str = "softmax_cross_entropy",
+) -> tuple[Params, Array]:
+    """``(grads_sum, outputs)``: the clipped **sum** Σ_m c_m g_m (C) and Z^L ``(M, N_L)``."""
+    grads, _, Z_L = clipped_grad_and_norms(
+        params, x, y, clip=clip, activation=activation, loss=loss
+    )
+    return grads, Z_L
+
+
+# ------------------------------------------------------------------------- the one 1/M
+def _is_static_zero(v) -> bool:
+    return isinstance(v, int | float) and v == 0
+
+
+def _noise_and_average(
+    grads_sum: Params,
+    key: Array | None,
+    *,
+    clip: float | Array,
+    noise_multiplier: float | Array,
+    batch_size: int,
+) -> Params:
+    """(P): (clipped sum + N(0, (σ C)² I)) / M, the only place that divides by M.
+
+    Noise key for the k-th flattened leaf: ``split(key, n_leaves + 1)[k + 1]``,
+    as ``optax.contrib.differentially_private_aggregate`` does. A noise multiplier
+    that is a Python 0 draws nothing (``key`` may then be None).
+    """
+    leaves, treedef = jax.tree.flatten(grads_sum)
+    if _is_static_zero(noise_multiplier):
+        noised = leaves
+    else:
+        _, *keys = jax.random.split(key, len(leaves) + 1)
+        std = clip * noise_multiplier
+        noised = [
+            g + std * jax.random.normal(k, g.shape, g.dtype)
+            for g, k in zip(leaves, keys, strict=True)
+        ]
+    return jax.tree.unflatten(treedef, [g / batch_size for g in noised])
+
+
+def private_grad(
+    params: Params,
+    x: Array,
+    y: Array,
+    key: Array | None,
+    *,
+    clip: float | Array,
+    noise_multiplier: float | Array,
+    activation: str = "relu",
+    loss: str = "softmax_cross_entropy",
+) -> Params:
+    """DP-SGD gradient, eq. (P): the clipped sum plus noise, as a **mean** (÷ M).
+
+    Ghost clipping (the ``"manual"`` route of ``private_grad_fn``). With
+    ``clip=inf, noise_multiplier=0`` it equals ``manual_grad``.
+    """
+    return private_grad_fn(
+        "manual", clip=clip, noise_multiplier=noise_multiplier, activation=activation, loss=loss
+    )(params, x, y, key)[0]
+
+
+# -------------------------------------------------------------- per-example-gradient routes
+def _per_sample_loss_and_output(params: Params, x_n: Array, y_n: Array, *, activation, loss):
+    z = predict(params, x_n, activation=activation)
+    return get_loss(loss).per_sample(z, y_n), z
+
+
+def _per_example_global_norm_clip(grads_M: Params, clip) -> tuple[Params, Array]:
+    # optax's per_example_global_norm_clip on the pytree (leading axis M on every leaf).
+    leaves = jax.tree.leaves(grads_M)
+    sq_M = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in leaves)
+    c_M = clip_factors(jnp.sqrt(sq_M), clip)
+    return jax.tree.map(lambda g: jnp.tensordot(c_M, g, axes=1), grads_M), c_M
+
+
+def _vmap_clipped_sum(single_grad: Callable) -> Callable:
+    """Clipped sum from per-example gradients built by ``jax.vmap(single_grad)``."""
+
+    def clipped_sum(params, x, y, *, clip, activation, loss):
+        check_inputs(params, x, y)
+        one = functools.partial(single_grad, activation=activation, loss=loss)
+        grads_M, Z_L = jax.vmap(one, in_axes=(None, 0, 0))(params, x, y)  # (M, ...) leaves
+        return _per_example_global_norm_clip(grads_M, clip)[0], Z_L
+
+    return clipped_sum
+
+
+def _scan_clipped_sum(params, x, y, *, clip, activation, loss):
+    """Section 8: one sample at a time; clip each gradient before adding it."""
+    check_inputs(params, x, y)
+
+    def add_clipped(total: Params, sample: tuple[Array, Array]) -> tuple[Params, Array]:
+        g, z = manual_grad_and_output(params, *sample, activation=activation, loss=loss)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(g)))
+        c = clip_factors(norm, clip)
+        return jax.tree.map(lambda t, gi: t + c * gi, total, g), z
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return lax.scan(add_clipped, zeros, (x, y))
+
+
+_autodiff_single = jax.grad(_per_sample_loss_and_output, has_aux=True)
+
+_CLIPPED_SUM_ROUTES: dict[str, Callable] = {
+    "manual": clipped_grad,
+    "manual_vmap": _vmap_clipped_sum(manual_grad_and_output),
+    "per_sample": _scan_clipped_sum,
+}
+_DEFAULT_ROUTE = _vmap_clipped_sum(_autodiff_single)  # jax.vmap(jax.grad(ℓ)), then clip
+
+
+def per_example_clipped_sum(
+    method: str,
+    params: Params,
+    x: Array,
+    y: Array,
+    *,
+    clip: float | Array,
+    activation: str = "relu",
+    loss: str = "softmax_cross_entropy",
+) -> tuple[Params, Array]:
+    """``(grads_sum, outputs)``: the clipped **sum** Σ_m c_m g_m by ``method``'s route."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    route = _CLIPPED_SUM_ROUTES.get(method, _DEFAULT_ROUTE)
+    return route(params, x, y, clip=clip, activation=activation, loss=loss)
+
+
+def private_grad_fn(
+    method: str,
+    *,
+    clip: float | Array,
+    noise_multiplier: float | Array = 0.0,
+    activation: str = "relu",
+    loss: str = "softmax_cross_entropy",
+) -> PrivateGradFn:
+    """DP-SGD gradient function for the training loop, eq. (P).
+
+    Returns ``fn(params, x, y, key) -> (grads, outputs)`` with ``grads`` the
+    noised **mean** (clipped sum + N(0, (σC)²)) / M in the params pytree and
+    ``outputs`` Z^L ``(M, N_L)`` for the metrics, like ``methods.grad_fn``. A pure
+    function of arrays, ready for ``jax.jit``; pass a fresh ``key`` every step.
+    ``"manual"`` uses ghost clipping; all other methods clip per-example
+    gradients (see the module docstring); all give the same result for the same key.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    for name, value in (("clip", clip), ("noise_multiplier", noise_multiplier)):
+        if isinstance(value, int | float) and not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def fn(params: Params, x: Array, y: Array, key: Array | None) -> tuple[Params, Array]:
+        if key is None and not _is_static_zero(noise_multiplier):
+            raise ValueError("private_grad needs a PRNG key when noise_multiplier is not 0")
+        grads_sum, Z_L = per_example_clipped_sum(
+            method, params, x, y, clip=clip, activation=activation, loss=loss
+        )
+        grads = _noise_and_average(
+            grads_sum, key, clip=clip, noise_multiplier=noise_multiplier, batch_size=x.shape[0]
+        )
+        return grads, Z_L
+
+    return fn
