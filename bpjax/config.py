@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 DATASETS = ("mnist", "fashion_mnist", "regression")
 DTYPES = ("float32", "float64")
 PLATFORMS = ("cpu", "gpu", "tpu")
+PARALLEL = ("sharding", "shard_map")
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "regression": 10000}
 
 
@@ -37,7 +38,7 @@ class Config:
 
     method: str = "manual"
     batch: int = 128
-    epochs: int = 20
+    epochs: int = 40
     lr: float = 0.1
     optimizer: str = "sgd"
     momentum: float = 0.9
@@ -56,7 +57,17 @@ class Config:
     keep_checkpoints: int = 2
     dp_clip: float | None = None
     dp_noise: float = 0.0
+    # Data parallelism (``bpjax.parallel``): the batch is split over ``num_devices``
+    # devices (0: all the devices JAX sees, in all processes); ``parallel`` picks
+    # the form: sharding annotations or the explicit shard_map program.
     num_devices: int = 1
+    parallel: str = "sharding"
+    # Several processes (hosts) training one model; launch.py passes these to
+    # jax.distributed.initialize. Without coordinator_address, JAX detects the
+    # cluster (TPU pod slice, SLURM, Open MPI).
+    coordinator_address: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
 
     def __post_init__(self) -> None:
         # Lists from a notebook become tuples, so the config stays hashable.
@@ -72,7 +83,15 @@ class Config:
         _positive_int("batch", self.batch)
         _positive_int("checkpoint_every", self.checkpoint_every)
         _positive_int("keep_checkpoints", self.keep_checkpoints)
-        _positive_int("num_devices", self.num_devices)
+        if isinstance(self.num_devices, bool) or not isinstance(self.num_devices, int) or (
+            self.num_devices < 0
+        ):
+            raise ConfigError(
+                f"--num_devices must be a positive integer, or 0 for all devices, got "
+                f"{self.num_devices!r}"
+            )
+        _choice("parallel", self.parallel, PARALLEL)
+        _positive_int("num_processes", self.num_processes)
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"--epochs must be a non-negative integer, got {self.epochs!r}")
         if self.train_examples is not None:
@@ -102,19 +121,63 @@ class Config:
             raise ConfigError(f"--dp_noise must be a finite number >= 0, got {self.dp_noise!r}")
         if self.dp_noise > 0 and self.dp_clip is None:
             raise ConfigError("--dp_noise needs --dp_clip: noise is calibrated to the clip norm")
-        if self.batch % self.num_devices:
+        if self.num_devices:  # 0 (all devices) is checked once the devices are known
+            check_batch_divides(self.batch, self.num_devices)
+        self._check_processes()
+        if self.parallel == "shard_map" and self.dp_clip is not None:
             raise ConfigError(
-                f"--batch={self.batch} does not divide over --num_devices={self.num_devices}:"
-                f" use a batch that is a multiple of {self.num_devices}"
+                "--parallel=shard_map does not do DP-SGD (its noise must be drawn once per"
+                " batch, not per device): use --parallel=sharding with --dp_clip"
             )
         if self.resume and not self.workdir:
             raise ConfigError("--resume needs --workdir: the directory of the run to continue")
+
+    def _check_processes(self) -> None:
+        if isinstance(self.process_id, bool) or not isinstance(self.process_id, int) or not (
+            0 <= self.process_id < self.num_processes
+        ):
+            raise ConfigError(
+                f"--process_id must be in [0, --num_processes={self.num_processes}), got "
+                f"{self.process_id!r}"
+            )
+        if self.num_processes == 1:
+            if self.coordinator_address is not None:
+                raise ConfigError(
+                    "--coordinator_address needs --num_processes > 1: the number of processes"
+                    " that train together"
+                )
+            return
+        if self.coordinator_address is None and self.process_id:
+            raise ConfigError(
+                "--process_id needs --coordinator_address (without it, JAX takes the process"
+                " ids from the cluster environment)"
+            )
+        if self.num_devices % self.num_processes:
+            raise ConfigError(
+                f"--num_devices={self.num_devices} does not split over --num_processes="
+                f"{self.num_processes}: every process gives the same number of devices (or use"
+                " --num_devices=0 for all of them)"
+            )
+        if not self.workdir:
+            raise ConfigError(
+                f"--num_processes={self.num_processes} needs --workdir: one directory all"
+                " processes can reach (a shared filesystem across hosts)"
+            )
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_batch_divides(batch: int, num_devices: int) -> None:
+    """Every device gets batch / num_devices rows: the batch must divide."""
+    if batch % num_devices:
+        raise ConfigError(
+            f"--batch={batch} does not divide over --num_devices={num_devices}:"
+            f" use a batch that is a multiple of {num_devices}"
+        )
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from bpjax.formulas import accumulated_grad_and_output, manual_grad_and_output
 from bpjax.losses import get_loss
-from bpjax.network import Params, predict
+from bpjax.network import Params, check_inputs, predict
 
 Array = jax.Array
 GradFn = Callable[[Params, Array, Array], tuple[Params, Array]]
@@ -37,12 +37,17 @@ def _loss_and_output(params, x, y, *, activation, loss):
 
 
 def _autodiff(params, x, y, *, activation, loss):
+    check_inputs(params, x, y)
     grad = jax.grad(_loss_and_output, has_aux=True)
     return grad(params, x, y, activation=activation, loss=loss)
 
 
 def _vmapped(single: Callable) -> Callable:
     def grad_and_output(params, x, y, *, activation, loss):
+        # vmap over rows would take a 3-D x as M batches of one; a method's x is (M, n_0).
+        if x.ndim != 2:
+            raise ValueError(f"x must be a batch (M, n_0), got shape {x.shape}")
+        check_inputs(params, x, y)
         one = functools.partial(single, activation=activation, loss=loss)
         grads, outputs = jax.vmap(one, in_axes=(None, 0, 0))(params, x, y)
         return jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), outputs

@@ -14,6 +14,18 @@ every step has the same shape (one compilation).
 Determinism: the initial parameters come from ``seed`` and epoch ``e`` shuffles
 with ``fold_in(key, e)``, so a run resumed from the checkpoint of epoch ``e``
 ends with exactly the parameters of an uninterrupted run.
+
+Data parallelism (``config.num_devices != 1`` or several processes; see
+``bpjax.parallel``): the same epoch program over a mesh ``("data",)``. The
+dataset, parameters and optimizer state are replicated; each step's batch
+indices and rows are split over ``data``, so every device gathers and processes
+only its own M/D rows of every batch, and the gradient's sum over samples
+(second document, section 6) becomes an all-reduce. Same seed, same shuffles,
+same batches: D devices follow the one-device trajectory up to the summation
+order of that all-reduce. With several processes, all run this function; only
+process 0 logs and writes ``config.json`` and ``metrics.jsonl``; all take part
+in saving checkpoints (Orbax coordinates them). With one device in one process
+none of this is built: the program is the single-device one.
 """
 
 from __future__ import annotations
@@ -35,7 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import Mesh
 
+from bpjax import parallel
 from bpjax.checkpoint import checkpoint_manager, restore_latest, save_checkpoint
 from bpjax.config import Config, ConfigError
 from bpjax.data import Dataset, load_dataset
@@ -73,11 +87,25 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     return optax.adam(config.lr)
 
 
-def make_grad(config: Config) -> Callable[[Params, Array, Array, Array], tuple[Params, Array]]:
+def make_grad(
+    config: Config, mesh: Mesh | None = None
+) -> Callable[[Params, Array, Array, Array], tuple[Params, Array]]:
     """``(params, x, y, key) -> (grads, outputs)`` for the configured method.
 
     ``key`` feeds the DP-SGD noise when ``dp_clip`` is set and is unused otherwise.
+    With a ``mesh`` and ``config.parallel == "shard_map"``, the explicit
+    per-device program of ``bpjax.parallel``; otherwise the single-device
+    function (under a mesh, XLA partitions it from the batch's sharding).
     """
+    if mesh is not None and config.parallel == "shard_map":
+        if config.method == "manual":
+            sharded = parallel.sharded_manual_grad(
+                mesh, activation=config.activation, loss=config.loss
+            )
+        else:
+            one = grad_fn(config.method, activation=config.activation, loss=config.loss)
+            sharded = parallel.sharded_grad(one, mesh)
+        return lambda params, x, y, key: sharded(params, x, y)
     if config.dp_clip is not None:
         from bpjax.privacy import private_grad_fn
 
@@ -112,10 +140,19 @@ def train_step(
 
 
 def run_epoch(
-    state: TrainState, x: Array, y: Array, key: Array, *, step_fn, batch: int
+    state: TrainState,
+    x: Array,
+    y: Array,
+    key: Array,
+    *,
+    step_fn,
+    batch: int,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """Shuffles ``x: (N, n_0)``, ``y: (N, n_L)`` and scans ``step_fn`` over full batches.
 
+    With a ``mesh``, each batch's indices and rows are split over its ``data``
+    axis: device d gathers rows ``[d B/D, (d+1) B/D)`` of every batch.
     Returns per-step metrics with a leading ``(N // batch,)`` axis.
     """
     steps = x.shape[0] // batch
@@ -124,7 +161,11 @@ def run_epoch(
 
     def body(state, i):
         idx = lax.dynamic_slice_in_dim(order, i * batch, batch)
-        return step_fn(state, x[idx], y[idx], jax.random.fold_in(noise_key, i))
+        if mesh is None:
+            return step_fn(state, x[idx], y[idx], jax.random.fold_in(noise_key, i))
+        idx = parallel.shard_rows(idx, mesh)
+        x_B, y_B = parallel.shard_rows(x[idx], mesh), parallel.shard_rows(y[idx], mesh)
+        return step_fn(state, x_B, y_B, jax.random.fold_in(noise_key, i))
 
     return lax.scan(body, state, jnp.arange(steps))
 
@@ -138,8 +179,13 @@ def evaluate(params: Params, x: Array, y: Array, *, activation: str, loss: str) 
     return out
 
 
-def prepare_data(dataset: Dataset, config: Config, device: jax.Device) -> dict[str, Array]:
-    """Targets as rows (one-hot for classification), cast, and placed on ``device``."""
+def prepare_data(
+    dataset: Dataset, config: Config, device: jax.Device | Mesh
+) -> dict[str, Array]:
+    """Targets as rows (one-hot for classification), cast, and placed on ``device``.
+
+    Given a mesh, every device of it gets a copy (in every process).
+    """
     dtype = jnp.dtype(config.dtype)
     n = config.train_examples or dataset.x_train.shape[0]
     if n > dataset.x_train.shape[0]:
@@ -164,18 +210,33 @@ def prepare_data(dataset: Dataset, config: Config, device: jax.Device) -> dict[s
         "x_test": dataset.x_test.astype(dtype),
         "y_test": targets(dataset.y_test),
     }
+    if isinstance(device, Mesh):
+        return parallel.replicate(arrays, device)
     return jax.device_put(arrays, device)
 
 
-def select_device(platform: str | None) -> jax.Device:
-    try:
-        return jax.devices(platform)[0] if platform else jax.devices()[0]
-    except RuntimeError:
-        found = sorted({d.platform for d in jax.devices()})
+def data_mesh(config: Config) -> Mesh | None:
+    """The data-parallel mesh of ``config``; None for one device in one process.
+
+    Raises a one-line ConfigError when the devices are too few, the batch does
+    not divide over them, or the processes are not those the config names.
+    """
+    parallel.check_processes(config.num_processes)
+    if config.num_devices == 1 and config.num_processes == 1:
+        return None
+    devices = parallel.select_devices(config.platform, config.num_devices, config.num_processes)
+    if config.batch % len(devices):  # --num_devices=0: the count is known only now
         raise ConfigError(
-            f"--platform={platform}: JAX finds no {platform} device (it has: {', '.join(found)});"
-            f" install the matching jax extra, e.g. pip install 'jax[cuda12]'"
-        ) from None
+            f"--batch={config.batch} does not divide over the {len(devices)} devices of "
+            f"--num_devices=0 (all): use a batch that is a multiple of {len(devices)}"
+        )
+    if len(devices) == 1:  # --num_devices=0 on a one-device host
+        return None
+    return parallel.make_data_mesh(devices)
+
+
+def select_device(platform: str | None) -> jax.Device:
+    return parallel.select_devices(platform, 1)[0]
 
 
 def default_workdir(config: Config) -> str:
@@ -253,7 +314,11 @@ def train(
 
 def _train(config: Config, dataset: Dataset | None, log: Callable[[str], None]) -> TrainResult:
     t_start = time.perf_counter()
-    device = select_device(config.platform)
+    mesh = data_mesh(config)
+    device = select_device(config.platform) if mesh is None else mesh.devices.flat[0]
+    is_main = jax.process_index() == 0  # only process 0 logs and writes files
+    if not is_main:
+        log = lambda line: None  # noqa: E731
     workdir = config.workdir or default_workdir(config)
     manager_exists = os.path.isdir(os.path.join(workdir, "checkpoints"))
     if manager_exists and not config.resume and os.listdir(os.path.join(workdir, "checkpoints")):
@@ -263,7 +328,7 @@ def _train(config: Config, dataset: Dataset | None, log: Callable[[str], None]) 
         )
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
-    data = prepare_data(dataset, config, device)
+    data = prepare_data(dataset, config, device if mesh is None else mesh)
     n_train, n_in = data["x_train"].shape
     sizes = (n_in, *config.hidden, data["y_train"].shape[1])
     os.makedirs(workdir, exist_ok=True)
@@ -272,8 +337,13 @@ def _train(config: Config, dataset: Dataset | None, log: Callable[[str], None]) 
     key = jax.random.key(config.seed)
     init_key, data_key = jax.random.split(key)
     optimizer = make_optimizer(config)
-    params = jax.device_put(init_params(init_key, sizes, dtype), device)
-    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    if mesh is None:
+        params = jax.device_put(init_params(init_key, sizes, dtype), device)
+        state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    else:
+        params = init_params(init_key, sizes, dtype)
+        state = TrainState(params, optimizer.init(params), np.zeros((), np.int32))
+        state = parallel.replicate(state, mesh)
     meta = {
         "sizes": list(sizes),
         "dtype": config.dtype,
@@ -288,32 +358,39 @@ def _train(config: Config, dataset: Dataset | None, log: Callable[[str], None]) 
         restored = restore_latest(manager, state, meta)
         if restored is not None:
             state, start_epoch = restored
-            state = jax.device_put(state, device)
+            if mesh is None:  # else Orbax restored into the target's (replicated) sharding
+                state = jax.device_put(state, device)
             history = [m for m in read_metrics(workdir) if m["epoch"] <= start_epoch]
             log(f"resumed {workdir} from the checkpoint of epoch {start_epoch}")
-    write_atomic(
-        os.path.join(workdir, "config.json"),
-        json.dumps({**config.to_dict(), "sizes": list(sizes), "workdir": workdir}, indent=2),
-    )
+    if is_main:
+        write_atomic(
+            os.path.join(workdir, "config.json"),
+            json.dumps({**config.to_dict(), "sizes": list(sizes), "workdir": workdir}, indent=2),
+        )
 
     traces = [0]
 
     def counted_epoch(state, x, y, key):
         traces[0] += 1  # runs at trace time only: counts compilations
         step_fn = functools.partial(
-            train_step, grad=make_grad(config), optimizer=optimizer, loss=config.loss
+            train_step, grad=make_grad(config, mesh), optimizer=optimizer, loss=config.loss
         )
-        return run_epoch(state, x, y, key, step_fn=step_fn, batch=config.batch)
+        return run_epoch(state, x, y, key, step_fn=step_fn, batch=config.batch, mesh=mesh)
 
     epoch_fn = jax.jit(counted_epoch, donate_argnums=0)
     eval_fn = jax.jit(functools.partial(evaluate, activation=config.activation, loss=config.loss))
     steps_per_epoch = n_train // config.batch
+    where = f"{device.device_kind} ({device.platform})"
+    if mesh is not None:
+        where = f"{mesh.size} x {where}, data parallel by {config.parallel}" + (
+            f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        )
     log(
         f"{dataset.name}: {n_train} train / {data['x_test'].shape[0]} test examples, network "
         f"{'-'.join(map(str, sizes))} ({config.activation}, {config.loss}), method "
         f"{config.method}, {config.optimizer} lr {config.lr}, batch {config.batch} "
         f"({steps_per_epoch} steps/epoch, {n_train % config.batch} left out per epoch), "
-        f"{config.dtype} on {device.device_kind} ({device.platform}), workdir {workdir}"
+        f"{config.dtype} on {where}, workdir {workdir}"
     )
 
     t0 = time.perf_counter()
@@ -337,8 +414,8 @@ def _train(config: Config, dataset: Dataset | None, log: Callable[[str], None]) 
             last = manager.latest_step()
             raise TrainingError(
                 f"the loss became {step_losses[bad]} at epoch {epoch}, step "
-                f"{int(new_state.step) - steps_per_epoch + bad + 1} (step {bad + 1} of the epoch); stopped. The last "
-                f"good checkpoint is "
+                f"{int(new_state.step) - steps_per_epoch + bad + 1} (step {bad + 1} of the epoch);"
+                " stopped. The last good checkpoint is "
                 + (f"epoch {last} in {manager.directory}" if last else "none (no epoch finished)")
                 + ". Lower --lr or check the data"
             )
@@ -365,10 +442,11 @@ def _train(config: Config, dataset: Dataset | None, log: Callable[[str], None]) 
         if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
             save_checkpoint(manager, epoch, state, meta)
         history.append(record)
-        write_atomic(
-            os.path.join(workdir, "metrics.jsonl"),
-            "".join(json.dumps(m) + "\n" for m in history),
-        )
+        if is_main:
+            write_atomic(
+                os.path.join(workdir, "metrics.jsonl"),
+                "".join(json.dumps(m) + "\n" for m in history),
+            )
         log(_format_line(record, config.epochs))
     manager.wait_until_finished()
     manager.close()

@@ -1,0 +1,239 @@
+r"""Data parallelism with JAX's own sharding: one mesh axis ``data`` over the devices.
+
+The batch of M samples is split into D equal shards of M/D rows, one per device
+of the mesh ``jax.make_mesh((D,), ("data",))``; parameters and optimizer state
+are replicated on every device. The forward pass and the error recursion (7.1),
+(7.2) are row-local (second document, section 0.3: samples never interact), so
+each device runs them on its own rows with no communication. Only the sums over
+samples of section 6 cross devices:
+
+    (6.1) dC/dW^l = Σ_m dC/dZ^l_m (A^{l-1}_m)^T = Σ_d Σ_{m ∈ shard d} dC/dZ^l_m (A^{l-1}_m)^T
+    (6.2) dC/db^l = Σ_m dC/dZ^l_m                = Σ_d Σ_{m ∈ shard d} dC/dZ^l_m
+
+the inner sum local to device d, the outer one an all-reduce over ``data``.
+Two forms produce that all-reduce, and the tests prove them equal to each other
+and to one device:
+
+* ``sharding``: the train step is ordinary single-device code; the batch is
+  annotated ``P("data")`` (``shard_rows``) and the parameters ``P()``. XLA's
+  partitioner sees that ``dZ.T @ A`` contracts over the sharded sample axis and
+  inserts the all-reduce itself; it appears in the compiled HLO, not in the code.
+* ``shard_map``: :func:`sharded_manual_grad` writes the per-device program by
+  hand: the section 7 formulas on the local rows, then ``lax.psum(..., "data")``
+  for the outer Σ_d of (6.1) and (6.2), visible in the code.
+
+The mesh axis is ``AxisType.Auto``: ``with_sharding_constraint`` annotations
+are hints the partitioner propagates, the classic ``jit`` data parallelism.
+jax 0.10's ``make_mesh`` defaults to ``Explicit`` axes, where shardings are
+part of every array's type and ``with_sharding_constraint`` is refused ("can
+only refer to Auto axes"; the batch gather would need ``jax.sharding.reshard``).
+
+Multi-host: every process runs the same program (``jax.distributed.initialize``
+first, see :func:`initialize_distributed`); the mesh spans the devices of all
+processes. Each process loads the whole (small) dataset and puts a copy on each
+of its devices (:func:`replicate`, from identical host copies); all processes
+draw the same permutation from the same key, and each device gathers only its
+own rows of every batch, so a process reads just its slice of each batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bpjax.activations import get_activation
+from bpjax.config import ConfigError
+from bpjax.losses import get_loss
+from bpjax.network import Params, check_inputs, forward
+
+Array = jax.Array
+DATA = "data"  # the mesh axis the batch is split along
+
+
+def make_data_mesh(devices: Sequence[jax.Device]) -> Mesh:
+    """A 1-D mesh ``("data",)`` over ``devices`` (Auto axis type: see the module docstring)."""
+    return jax.make_mesh((len(devices),), (DATA,), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array: parameters, optimizer state, the dataset."""
+    return NamedSharding(mesh, P())
+
+
+def row_sharded(mesh: Mesh) -> NamedSharding:
+    """Rows (samples) split over ``data``: device d holds rows [d M/D, (d+1) M/D)."""
+    return NamedSharding(mesh, P(DATA))
+
+
+def shard_rows(a: Array, mesh: Mesh) -> Array:
+    """Inside ``jit``: annotate ``a: (M, ...)`` as split by rows over ``data``."""
+    return lax.with_sharding_constraint(a, row_sharded(mesh))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Host values (identical in every process) -> global arrays replicated over ``mesh``.
+
+    ``make_array_from_callback`` places only this process's copies, so the same
+    call works with one process or many (``jax.device_put`` to devices of other
+    processes does not).
+    """
+    sharding = replicated(mesh)
+
+    def put(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def sharded_manual_grad(
+    mesh: Mesh, *, activation: str = "relu", loss: str = "softmax_cross_entropy"
+) -> Callable[[Params, Array, Array], tuple[Params, Array]]:
+    """``manual_grad`` as an explicit per-device program: local Σ, then ``psum``.
+
+    Returns ``(params, x: (M, n_0), y: (M, n_L)) -> (grads, outputs)``, the same
+    contract as ``methods.grad_fn("manual")``: ``grads`` (replicated) is the
+    gradient of the batch-mean loss over all M samples; ``outputs: (M, n_L)`` is
+    Z^L, split by rows like ``x``. M must divide by the mesh size.
+    """
+    sigma_prime = get_activation(activation)[1]
+    error = get_loss(loss).error
+
+    def per_device(params: Params, x_m: Array, y_m: Array) -> tuple[Params, Array]:
+        # x_m: (M/D, n_0), this device's rows of the batch.
+        check_inputs(params, x_m, y_m)
+        M = x_m.shape[0] * lax.axis_size(DATA)  # the global batch: C = (1/M) Σ_m ℓ_m (section 4)
+        zs, activations = forward(params, x_m, activation)  # row-local: no communication
+        dZ = error(zs[-1], y_m) / M  # (7.1) with the global 1/M, so the psums below sum to dC/dW
+        grads: Params = [None] * len(params)  # type: ignore[list-item]
+        for l in reversed(range(len(params))):
+            dW_local = dZ.T @ activations[l]  # Σ_{m ∈ this shard} dZ^l_m (A^{l-1}_m)^T
+            db_local = jnp.sum(dZ, axis=0)  # Σ_{m ∈ this shard} dZ^l_m
+            grads[l] = {
+                "W": lax.psum(dW_local, DATA),  # (6.1) dW^l = Σ_d Σ_{m ∈ d} dZ^l_m A^{l-1}_m^T
+                "b": lax.psum(db_local, DATA),  # (6.2) db^l = Σ_d Σ_{m ∈ d} dZ^l_m
+            }
+            if l > 0:
+                dZ = (dZ @ params[l]["W"]) * sigma_prime(zs[l - 1])  # (7.2), row-local
+        return grads, zs[-1]
+
+    return jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P(DATA))
+    )
+
+
+def sharded_grad(
+    grad: Callable[[Params, Array, Array], tuple[Params, Array]], mesh: Mesh
+) -> Callable[[Params, Array, Array], tuple[Params, Array]]:
+    """Any gradient method in the ``shard_map`` form: the local mean, then ``pmean``.
+
+    ``grad`` returns the gradient of its rows' mean loss. With D equal shards of
+    M/D rows, (1/M) Σ_m g_m = (1/D) Σ_d (D/M) Σ_{m ∈ shard d} g_m: the mean over
+    devices of the local means, which is ``lax.pmean``.
+
+    The parameters are first cast to device-varying: under ``shard_map``'s
+    replication checking, ``jax.grad`` with respect to a replicated (invariant)
+    input already sums over devices (the transpose of the implicit invariant ->
+    varying cast is a psum), and a pmean after it would count every device D
+    times. Cast, every method returns its local gradient, and the one reduction
+    is the explicit pmean.
+    """
+
+    def per_device(params: Params, x_m: Array, y_m: Array) -> tuple[Params, Array]:
+        params = lax.pcast(params, DATA, to="varying")  # local grads, no implicit psum
+        local, outputs = grad(params, x_m, y_m)
+        return jax.tree.map(lambda g: lax.pmean(g, DATA), local), outputs
+
+    return jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P(DATA))
+    )
+
+
+def select_devices(
+    platform: str | None, num_devices: int, num_processes: int = 1
+) -> list[jax.Device]:
+    """The devices of the data-parallel mesh; ``num_devices=0`` takes them all.
+
+    With several processes every process contributes ``num_devices /
+    num_processes`` of its own devices (the first ones), so that each holds an
+    equal part of every batch.
+    """
+    try:
+        devices = jax.devices(platform) if platform else jax.devices()
+    except RuntimeError:
+        found = sorted({d.platform for d in jax.devices()})
+        raise ConfigError(
+            f"--platform={platform}: JAX finds no {platform} device (it has: {', '.join(found)});"
+            f" install the matching jax extra, e.g. pip install 'jax[cuda12]'"
+        ) from None
+    n = num_devices or len(devices)
+    if n > len(devices):
+        kind = devices[0].platform
+        hint = (
+            f"on a CPU host, simulate {n} devices with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+            if kind == "cpu"
+            else "lower --num_devices, or use --num_devices=0 for all of them"
+        )
+        raise ConfigError(
+            f"--num_devices={n} but JAX sees {len(devices)} {kind} device"
+            f"{'s' if len(devices) != 1 else ''}: {hint}"
+        )
+    if num_processes == 1:
+        return list(devices[:n])
+    per_process = n // num_processes
+    chosen = []
+    for p in range(num_processes):
+        own = [d for d in devices if d.process_index == p]
+        if len(own) < per_process:
+            raise ConfigError(
+                f"--num_devices={n} over --num_processes={num_processes} needs {per_process}"
+                f" devices in every process, but process {p} has {len(own)}"
+            )
+        chosen += own[:per_process]
+    return chosen
+
+
+def initialize_distributed(
+    coordinator_address: str | None, num_processes: int, process_id: int
+) -> None:
+    """``jax.distributed.initialize`` for a multi-process run; call before any other JAX use.
+
+    With ``coordinator_address`` the cluster is given explicitly (any machines,
+    localhost included); without it, JAX detects the coordinator and this
+    process's id from the environment (TPU pod slices, SLURM, Open MPI). On CPU
+    the cross-process collectives use gloo.
+    """
+    if num_processes <= 1 or jax.distributed.is_initialized():
+        return
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        if coordinator_address is None:
+            jax.distributed.initialize(num_processes=num_processes)
+        else:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except (RuntimeError, ValueError) as e:  # jax's errors are long; keep their first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"process {process_id} could not join the {num_processes}-process run at "
+            f"{coordinator_address or 'the detected coordinator'}: {first}"
+        ) from None
+
+
+def check_processes(num_processes: int) -> None:
+    """A one-line error when the run expects more processes than JAX is connected to."""
+    if jax.process_count() != num_processes:
+        raise ConfigError(
+            f"--num_processes={num_processes} but JAX runs {jax.process_count()} process"
+            f"{'es' if jax.process_count() != 1 else ''}: call "
+            "bpjax.parallel.initialize_distributed (launch.py does) before any other JAX call"
+        )
+

@@ -1,0 +1,132 @@
+"""The five gradient methods of ``bpjax.methods`` give one batch gradient.
+
+Every ``grad_fn(method)`` runs under ``jax.jit`` in float64 inside a scoped
+``jax.enable_x64``: its gradient must equal ``jax.grad(loss_fn)`` to rtol 1e-10
+and its ``outputs`` must equal ``bpjax.predict``. The formulas themselves are
+proved in ``test_formulas.py``; this file proves the wiring. As there, XLA
+compilation is the cost: all methods of one case share one compilation, and
+error paths are traced with ``jax.eval_shape`` (an error raised while tracing
+is the error a user sees, jitted or not), which compiles nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bpjax
+from bpjax import methods
+
+# As in test_formulas.py: float64 rounding is ~1e-16 per operation.
+RTOL64, ATOL64 = 1e-10, 1e-12
+SIZES = (3, 4, 1, 5, 4)  # depth 4, a hidden width of 1
+M = 7
+COMBOS = [("tanh", "softmax_cross_entropy"), ("relu", "squared_error")]
+METHODS = methods.METHODS
+# LLVM optimisation off: ~40% less compile time, same IEEE arithmetic.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def make_problem(loss, seed=0):
+    """NumPy float64 ``(params, x, y)`` with nonzero biases."""
+    rng = np.random.default_rng(seed)
+    params = [
+        {"W": rng.uniform(-1.0, 1.0, (n_out, n_in)), "b": rng.normal(0.0, 0.5, (n_out,))}
+        for n_in, n_out in itertools.pairwise(SIZES)
+    ]
+    x = rng.normal(size=(M, SIZES[0]))
+    if loss == "softmax_cross_entropy":
+        y = np.eye(SIZES[-1])[rng.integers(SIZES[-1], size=M)]
+    else:
+        y = rng.normal(size=(M, SIZES[-1]))
+    return params, x, y
+
+
+def test_methods_are_the_five_documented():
+    assert set(METHODS) == {
+        "manual",
+        "autodiff",
+        "manual_vmap",
+        "autodiff_vmap",
+        "per_sample",
+    }
+
+
+@pytest.mark.parametrize(("activation", "loss"), COMBOS)
+def test_every_method_under_jit_gives_the_autodiff_gradient_and_predict(activation, loss):
+    kw = dict(activation=activation, loss=loss)
+
+    def all_methods(params, x, y):
+        reference = jax.grad(bpjax.loss_fn)(params, x, y, **kw)
+        logits = bpjax.predict(params, x, activation=activation)
+        return reference, logits, {m: methods.grad_fn(m, **kw)(params, x, y) for m in METHODS}
+
+    with jax.enable_x64(True):
+        params, x, y = jax.tree.map(jnp.asarray, make_problem(loss))
+        assert x.dtype == jnp.float64
+        result = jax.jit(all_methods, compiler_options=FAST_COMPILE)(params, x, y)
+        # NumPy from here on: float64 jax.Arrays must not outlive the x64 scope.
+        reference, logits, results = jax.tree.map(np.asarray, result)
+    assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(reference)) > 1e-3
+    for method, (grads, outputs) in results.items():
+        try:
+            chex.assert_trees_all_equal_structs(grads, reference)
+            chex.assert_trees_all_equal_shapes_and_dtypes(grads, reference)
+            chex.assert_trees_all_close(grads, reference, rtol=RTOL64, atol=ATOL64)
+            assert outputs.shape == (M, SIZES[-1]) and outputs.dtype == np.float64
+            # Per-sample (W x + b) and batched (X W^T + b) sum in different orders.
+            np.testing.assert_allclose(outputs, logits, rtol=1e-12, atol=1e-14)
+        except AssertionError as e:
+            raise AssertionError(f"method {method!r}: {e}") from None
+    # Negative control: the same comparison sees a 1% error in one leaf.
+    planted = [dict(g) for g in results["manual"][0]]
+    planted[2]["W"] = planted[2]["W"] * 1.01
+    with pytest.raises(AssertionError, match="2/W"):
+        chex.assert_trees_all_close(planted, reference, rtol=RTOL64, atol=ATOL64)
+
+
+def float32_problem(loss):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), make_problem(loss))
+
+
+def test_unknown_method_activation_or_loss_raise_value_error_naming_the_choices():
+    with pytest.raises(ValueError, match="unknown method 'adjoint'") as excinfo:
+        methods.grad_fn("adjoint")
+    assert all(m in str(excinfo.value) for m in METHODS), str(excinfo.value)
+    problem = float32_problem("squared_error")
+    for method in METHODS:
+        for bad, valid in (
+            (dict(activation="gelu"), bpjax.ACTIVATIONS),
+            (dict(loss="hinge"), bpjax.LOSSES),
+        ):
+            with pytest.raises(ValueError) as excinfo:
+                jax.eval_shape(methods.grad_fn(method, **bad), *problem)
+            message = str(excinfo.value)
+            assert all(name in message for name in valid), (method, message)
+
+
+@pytest.mark.parametrize(
+    "method",
+    METHODS,
+)
+def test_wrong_shapes_raise_value_error(method):
+    params, _, _ = float32_problem("squared_error")
+    fn = methods.grad_fn(method, activation="relu", loss="squared_error")
+    n0, nL = SIZES[0], SIZES[-1]
+    bad_shapes = {
+        "y has the wrong width": ((M, n0), (M, 1)),
+        "x has the wrong width": ((M, n0 - 1), (M, nL)),
+        "y has the wrong batch size": ((M, n0), (M - 1, nL)),
+        "x is 3-D": ((M, 1, n0), (M, 1, nL)),
+    }
+    for case, (x_shape, y_shape) in bad_shapes.items():
+        x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+        y = jax.ShapeDtypeStruct(y_shape, jnp.float32)
+        with pytest.raises(ValueError):
+            jax.eval_shape(fn, params, x, y)
+            pytest.fail(f"{method}: {case} was accepted")
