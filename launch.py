@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from bpjax.checkpoint import CheckpointError
 from bpjax.config import DATASETS, DTYPES, OPTIMIZERS, PARALLEL, PLATFORMS, Config, ConfigError
@@ -83,6 +83,9 @@ def config_from_flags() -> Config:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}: flags take the form --name=value")
+    if not FLAGS["verbosity"].present:
+        # app.run turns on INFO and Orbax logs ~40 INFO lines per checkpoint; -v=0 shows them.
+        logging.set_verbosity(logging.WARNING)
     try:
         config = config_from_flags()
         initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)

@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from bpjax import Config, init_params, load_dataset, train
 from bpjax.timing import compare_fns, device_info
@@ -42,6 +42,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint at INFO
     config = Config(batch=FLAGS.batch)
     data = load_dataset("mnist", progress=False)
     x = jnp.asarray(data.x_train)

@@ -64,6 +64,8 @@ def test_end_to_end_on_a_slice_of_real_mnist(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert sum(line.startswith("epoch ") for line in lines) == 2
+    # Orbax logs ~40 absl INFO lines per checkpoint; launch.py keeps them out unless -v=0.
+    assert "checkpoint_manager.py" not in result.stderr, result.stderr[:2000]
     assert lines[-1].startswith("done: 2 epochs, test accuracy")
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
