@@ -129,7 +129,8 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     figures = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 2, "expected the training curves and the sweep plot"
     for method in ("manual", "autodiff", "manual_vmap", "per_sample"):
-        assert re.search(rf"^\S+\s+{method}\s+256\s+1 ok\b", text, re.M), f"no sweep row for {method}"
+        row = rf"^\S+\s+{method}\s+256\s+1 ok\b"  # platform method batch devices status
+        assert re.search(row, text, re.M), f"no sweep row for {method}"
 
 
 _IMPORT_PROBE = textwrap.dedent(

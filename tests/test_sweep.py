@@ -142,8 +142,9 @@ def test_numpy_baseline_gradient_equals_manual_grad_float64():
         check(planted)
 
 
-@pytest.mark.skipif(not torch_available(), reason="torch not installed")
 def test_torch_peer_step_matches_manual_sgd_step():
+    # torch is in the dev extra: a missing torch fails here instead of skipping.
+    assert torch_available(), "torch is missing: pip install -e '.[dev]' installs torch==2.13.0"
     from bpjax.sweep import make_torch_step
 
     rng = np.random.default_rng(2)
