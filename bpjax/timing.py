@@ -9,11 +9,14 @@ they print are measured the same way (STYLE.md, "Running, measuring, logging"):
 * every call blocks on its whole output pytree (``jax.block_until_ready``);
 * warm-up calls are discarded; the median and the 10th/90th percentiles of the
   repeats are reported;
-* methods are compared *interleaved* (A B C, B C A, C A B, ...) in one
-  process, so machine noise (other processes on a shared CPU, frequency
-  changes) hits all of them alike and their ratio stays meaningful even when
-  the absolute times drift; the order rotates so that no function always
-  runs right after the same other one (cold caches, sleeping thread pools).
+* methods are compared *interleaved* (each round calls every function once)
+  in one process, so machine noise (other processes on a shared CPU,
+  frequency changes) hits all of them alike and their ratio stays meaningful
+  even when the absolute times drift; each round's order is a fresh (seeded)
+  random permutation, so no function always runs right after the same other
+  one (cold caches after a memory-heavy method, sleeping thread pools). A
+  rotation (A B C, B C A, ...) would not do: it keeps the cyclic order, and B
+  would nearly always follow A.
 
 A step that donates its state (``donate_argnums=0``) cannot be called twice on
 the same buffers; ``carry=True`` threads the first output back in as the
@@ -190,9 +193,10 @@ def compare_fns(
     cpu: dict[str, list[float]] = {name: [] for name in fns}
     total, rounds = 0.0, 0
     names = list(fns)
+    order_rng = np.random.default_rng(0)
     while rounds < repeats or (total < min_time_s and total < max_time_s):
-        # Rotate the order each round, so no function always follows the same one.
-        for name in names[rounds % len(names):] + names[: rounds % len(names)]:
+        for i in order_rng.permutation(len(names)):
+            name = names[i]
             dt, dc = _call_once(compiled[name], state[name], carried[name])
             times[name].append(dt)
             cpu[name].append(dc)

@@ -81,6 +81,8 @@ def test_sweep_ok_rows_have_measurements(sweep):
         assert r["matmul_peak_gflops"] > 0 and r["frac_of_matmul_peak"] > 0
         assert r["ratio_to_autodiff"] > 0
     assert all(r["ratio_to_autodiff"] == 1.0 for r in ok if r["method"] == "autodiff")
+    assert all(r["paired_ratio_to_autodiff"] == 1.0 for r in ok if r["method"] == "autodiff")
+    assert all(r["paired_ratio_to_autodiff"] > 0 for r in ok if r["method"] in METHODS)
 
 
 def test_sweep_records_skipped_rows_with_reason(sweep):
