@@ -2,9 +2,15 @@
 
 Orbax writes each checkpoint into a temporary directory and renames it into
 place only once complete, so a crash never leaves a half-written checkpoint that
-``restore_latest`` would pick up. Each checkpoint carries the architecture it
-was made for; restoring into another architecture is refused with a clear
-error instead of a shape error deep inside Orbax.
+``restore_latest`` would pick up. With several processes, all of them take part
+in a save (Orbax synchronises them), but only process 0 writes: the training
+state is replicated, and Orbax's default of spreading a replicated array's
+bytes over the processes that hold a replica ("replica-parallel" saving) is
+turned off, so the copy of replica 0, on process 0, is the one written.
+
+Each checkpoint carries the architecture it was made for; restoring into
+another architecture is refused with a clear error instead of a shape error
+deep inside Orbax.
 """
 
 from __future__ import annotations
@@ -25,11 +31,21 @@ class CheckpointError(ValueError):
 
 def checkpoint_manager(workdir: str, *, keep: int = 2) -> ocp.CheckpointManager:
     """A manager for ``<workdir>/checkpoints`` keeping the newest ``keep``."""
+    import jax
     import orbax.checkpoint as ocp
 
+    handlers = ocp.type_handlers
+    registry = handlers.create_type_handler_registry(
+        *[(ty, handlers.get_type_handler(ty)) for ty in handlers.supported_types()],
+        (jax.Array, handlers.ArrayHandler(use_replica_parallel=False)),  # process 0 writes
+    )
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(directory, options=options)
+    item_handlers = {
+        "state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
 
 
 def save_checkpoint(
@@ -43,7 +59,7 @@ def save_checkpoint(
 
     manager.save(
         epoch,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
     )
 
 
@@ -71,7 +87,9 @@ def restore_latest(
             f"checkpoint {manager.directory}/{epoch} was made for another run: {'; '.join(diffs)}."
             " Use a new --workdir, or the flags the checkpoint was made with"
         )
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     restored = manager.restore(
-        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        epoch,
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=restore_args)),
     )
     return restored["state"], epoch

@@ -179,6 +179,10 @@ def test_two_processes_train_to_the_one_process_params(tmp_path):
     reference = train(Config(workdir=str(tmp_path / "one"), **flags), log=lambda line: None)
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
+    # Only process 0 writes checkpoint bytes (the state is replicated; see bpjax.checkpoint).
+    state_dir = workdir / "checkpoints" / "2" / "state"
+    written = {p.relative_to(state_dir).parts[0] for p in state_dir.rglob("d/*") if p.is_file()}
+    assert written and not any("process_1" in part for part in written), written
     np.testing.assert_allclose(metrics[-1]["train_loss"], reference.history[-1]["train_loss"],
                                rtol=RTOL)
     with jax.enable_x64(True):
