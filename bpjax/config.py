@@ -171,11 +171,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def check_batch_divides(batch: int, num_devices: int) -> None:
-    """Every device gets batch / num_devices rows: the batch must divide."""
+def check_batch_divides(batch: int, num_devices: int, over: str | None = None) -> None:
+    """Every device gets batch / num_devices rows: the batch must divide.
+
+    ``over`` names the devices in the error (default ``--num_devices=N``).
+    """
     if batch % num_devices:
         raise ConfigError(
-            f"--batch={batch} does not divide over --num_devices={num_devices}:"
+            f"--batch={batch} does not divide over {over or f'--num_devices={num_devices}'}:"
             f" use a batch that is a multiple of {num_devices}"
         )
 

@@ -42,16 +42,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bpjax.activations import get_activation
 from bpjax.config import ConfigError
-from bpjax.losses import get_loss
-from bpjax.network import Params, check_inputs, forward
+from bpjax.formulas import manual_grad_and_output
+from bpjax.methods import grad_fn
+from bpjax.network import Params
 
 Array = jax.Array
 DATA = "data"  # the mesh axis the batch is split along
@@ -103,30 +102,40 @@ def sharded_manual_grad(
     gradient of the batch-mean loss over all M samples; ``outputs: (M, n_L)`` is
     Z^L, split by rows like ``x``. M must divide by the mesh size.
     """
-    sigma_prime = get_activation(activation)[1]
-    error = get_loss(loss).error
 
     def per_device(params: Params, x_m: Array, y_m: Array) -> tuple[Params, Array]:
-        # x_m: (M/D, n_0), this device's rows of the batch.
-        check_inputs(params, x_m, y_m)
-        M = x_m.shape[0] * lax.axis_size(DATA)  # the global batch: C = (1/M) Σ_m ℓ_m (section 4)
-        zs, activations = forward(params, x_m, activation)  # row-local: no communication
-        dZ = error(zs[-1], y_m) / M  # (7.1) with the global 1/M, so the psums below sum to dC/dW
-        grads: Params = [None] * len(params)  # type: ignore[list-item]
-        for l in reversed(range(len(params))):
-            dW_local = dZ.T @ activations[l]  # Σ_{m ∈ this shard} dZ^l_m (A^{l-1}_m)^T
-            db_local = jnp.sum(dZ, axis=0)  # Σ_{m ∈ this shard} dZ^l_m
-            grads[l] = {
-                "W": lax.psum(dW_local, DATA),  # (6.1) dW^l = Σ_d Σ_{m ∈ d} dZ^l_m A^{l-1}_m^T
-                "b": lax.psum(db_local, DATA),  # (6.2) db^l = Σ_d Σ_{m ∈ d} dZ^l_m
-            }
-            if l > 0:
-                dZ = (dZ @ params[l]["W"]) * sigma_prime(zs[l - 1])  # (7.2), row-local
-        return grads, zs[-1]
+        # Section 7 on this device's M/D rows (x_m), with no communication: the
+        # forward pass and the error recursion are row-local. It returns their mean,
+        # (D/M) Σ_{m ∈ d} dZ^l_m (A^{l-1}_m)^T.
+        local_mean, z_m = manual_grad_and_output(
+            params, x_m, y_m, activation=activation, loss=loss
+        )
+        m_local = x_m.shape[0]
+        m_global = m_local * lax.axis_size(DATA)
+
+        def section_6_sum(g: Array) -> Array:
+            # (6.1) dW^l = (1/M) Σ_d Σ_{m ∈ d} dZ^l_m (A^{l-1}_m)^T, (6.2) db^l likewise:
+            # each device's sum over its rows, summed over the devices by psum.
+            return lax.psum(g * m_local, DATA) / m_global
+
+        return jax.tree.map(section_6_sum, local_mean), z_m
 
     return jax.shard_map(
         per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P(DATA))
     )
+
+
+def sharded_grad_fn(
+    method: str, mesh: Mesh, *, activation: str = "relu", loss: str = "softmax_cross_entropy"
+) -> Callable[[Params, Array, Array], tuple[Params, Array]]:
+    """The ``shard_map`` form of ``methods.grad_fn(method)``: same contract.
+
+    ``manual`` gets the explicit section 6 ``psum`` (:func:`sharded_manual_grad`);
+    every other method the generic local-mean-then-``pmean`` (:func:`sharded_grad`).
+    """
+    if method == "manual":
+        return sharded_manual_grad(mesh, activation=activation, loss=loss)
+    return sharded_grad(grad_fn(method, activation=activation, loss=loss), mesh)
 
 
 def sharded_grad(

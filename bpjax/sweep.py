@@ -58,10 +58,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -69,9 +68,13 @@ import numpy as np
 from jax import lax
 
 from bpjax import parallel
+from bpjax.files import write_atomic
 from bpjax.methods import METHODS, grad_fn
 from bpjax.network import init_params
 from bpjax.timing import COMPILES, compare_fns, compile_fn, device_info, peak_memory_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # matplotlib is imported only to plot
 
 PEERS = ("numpy", "torch")
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -228,7 +231,8 @@ def gemm_only_fn(n_layers: int) -> Callable:
     return products
 
 
-def _gemm_only_args(sizes, batch, dtype, rng, device):
+def gemm_only_args(sizes, batch, dtype, rng, device):
+    """Random operands for ``gemm_only_fn`` at ``batch``, on ``device``."""
     n_layers = len(sizes) - 1
     Ws = [rng.standard_normal((sizes[l + 1], sizes[l])).astype(dtype) for l in range(n_layers)]
     W_Ts = [np.ascontiguousarray(W.T) for W in Ws[1:]]
@@ -489,7 +493,7 @@ def _time_group(
     # the JAX methods.
     rng = np.random.default_rng([config.seed, batch, 1])
     share = max(batch // n_dev, 1)
-    roof_args = _gemm_only_args(config.sizes, share, config.dtype, rng, device)
+    roof_args = gemm_only_args(config.sizes, share, config.dtype, rng, device)
     roof_fn, _, _ = compile_fn(jax.jit(gemm_only_fn(len(config.sizes) - 1)), *roof_args)
     jax_entries = {m: e for m, e in entries.items() if m not in PEERS}
     jax_entries[_ROOF] = (roof_fn, roof_args)
@@ -750,20 +754,6 @@ def floor_report(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not np.isfinite(v):
         return None
@@ -782,13 +772,13 @@ def write_results(
     paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "csv", "png")}
     clean = [{k: _jsonable(r.get(k)) for k in ROW_FIELDS} for r in rows]
     payload = {"meta": meta, "rows": clean}
-    _atomic_write(paths["json"], (json.dumps(payload, indent=1, default=str) + "\n").encode())
+    write_atomic(paths["json"], json.dumps(payload, indent=1, default=str) + "\n")
     buf = io.StringIO()
     buf.write("".join(f"# {k}: {json.dumps(v, default=str)}\n" for k, v in _flat_meta(meta)))
     writer = csv.DictWriter(buf, fieldnames=ROW_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(clean)
-    _atomic_write(paths["csv"], buf.getvalue().encode())
+    write_atomic(paths["csv"], buf.getvalue())
     plot_sweep(rows, paths["png"], title=_plot_title(meta))
     return paths
 
@@ -811,10 +801,13 @@ def _plot_title(meta: Mapping[str, Any]) -> str:
     return f"one SGD step, {sizes} MLP ({kinds}; jax {some.get('jax_version', '?')})"
 
 
-def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, title: str = "") -> None:
-    """samples/s against batch, log-log: one line per (method, platform), roofline dashed."""
-    # A bare Figure (no pyplot): draws off-screen without touching the
-    # notebook's or the user's matplotlib backend.
+def sweep_figure(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """samples/s against batch, log-log: one line per (method, platform), roofline dashed.
+
+    A bare ``matplotlib.figure.Figure`` (no pyplot): it draws without touching
+    the notebook's or the user's matplotlib backend; a notebook displays it with
+    ``display(fig)``.
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 6))
@@ -846,9 +839,15 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, title: str = "") ->
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
+    return fig
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, title: str = "") -> None:
+    """``sweep_figure`` saved as a PNG at ``path``, atomically."""
+    fig = sweep_figure(rows, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 __all__ = [
@@ -859,6 +858,7 @@ __all__ = [
     "available_platforms",
     "floor_report",
     "format_table",
+    "gemm_only_args",
     "gemm_only_fn",
     "make_numpy_step",
     "make_step",
@@ -868,6 +868,7 @@ __all__ = [
     "plot_sweep",
     "run_sweep",
     "step_flops",
+    "sweep_figure",
     "sweep_metadata",
     "write_results",
 ]

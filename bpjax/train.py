@@ -23,8 +23,8 @@ only its own M/D rows of every batch, and the gradient's sum over samples
 (second document, section 6) becomes an all-reduce. Same seed, same shuffles,
 same batches: D devices follow the one-device trajectory up to the summation
 order of that all-reduce. With several processes, all run this function; only
-process 0 logs and writes ``config.json`` and ``metrics.jsonl``; all take part
-in saving checkpoints (Orbax coordinates them). With one device in one process
+process 0 logs and writes ``config.json``, ``metrics.jsonl`` and the checkpoint
+bytes (all processes take part in a save; see ``bpjax.checkpoint``). With one device in one process
 none of this is built: the program is the single-device one.
 """
 
@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -51,8 +50,9 @@ from jax.sharding import Mesh
 
 from bpjax import parallel
 from bpjax.checkpoint import checkpoint_manager, restore_latest, save_checkpoint
-from bpjax.config import Config, ConfigError
+from bpjax.config import Config, ConfigError, check_batch_divides
 from bpjax.data import Dataset, load_dataset
+from bpjax.files import write_atomic
 from bpjax.losses import get_loss
 from bpjax.methods import grad_fn
 from bpjax.network import Params, init_params, predict
@@ -98,13 +98,9 @@ def make_grad(
     function (under a mesh, XLA partitions it from the batch's sharding).
     """
     if mesh is not None and config.parallel == "shard_map":
-        if config.method == "manual":
-            sharded = parallel.sharded_manual_grad(
-                mesh, activation=config.activation, loss=config.loss
-            )
-        else:
-            one = grad_fn(config.method, activation=config.activation, loss=config.loss)
-            sharded = parallel.sharded_grad(one, mesh)
+        sharded = parallel.sharded_grad_fn(
+            config.method, mesh, activation=config.activation, loss=config.loss
+        )
         return lambda params, x, y, key: sharded(params, x, y)
     if config.dp_clip is not None:
         from bpjax.privacy import private_grad_fn
@@ -225,39 +221,18 @@ def data_mesh(config: Config) -> Mesh | None:
     if config.num_devices == 1 and config.num_processes == 1:
         return None
     devices = parallel.select_devices(config.platform, config.num_devices, config.num_processes)
-    if config.batch % len(devices):  # --num_devices=0: the count is known only now
-        raise ConfigError(
-            f"--batch={config.batch} does not divide over the {len(devices)} devices of "
-            f"--num_devices=0 (all): use a batch that is a multiple of {len(devices)}"
+    if not config.num_devices:  # --num_devices=0 (all): the count is known only now
+        check_batch_divides(
+            config.batch, len(devices), over=f"the {len(devices)} devices of --num_devices=0 (all)"
         )
     if len(devices) == 1:  # --num_devices=0 on a one-device host
         return None
     return parallel.make_data_mesh(devices)
 
 
-def select_device(platform: str | None) -> jax.Device:
-    return parallel.select_devices(platform, 1)[0]
-
-
 def default_workdir(config: Config) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", f"{stamp}-{config.dataset}-{config.method}-b{config.batch}")
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` so that readers see the old or the new file, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -315,7 +290,10 @@ def train(
 def _train(config: Config, dataset: Dataset | None, log: Callable[[str], None]) -> TrainResult:
     t_start = time.perf_counter()
     mesh = data_mesh(config)
-    device = select_device(config.platform) if mesh is None else mesh.devices.flat[0]
+    if mesh is None:
+        device = parallel.select_devices(config.platform, 1)[0]
+    else:
+        device = mesh.devices.flat[0]
     is_main = jax.process_index() == 0  # only process 0 logs and writes files
     if not is_main:
         log = lambda line: None  # noqa: E731

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from bpjax.files import write_atomic
 from bpjax.methods import grad_fn
 from bpjax.network import init_params
 from bpjax.sweep import make_step, step_flops
@@ -103,11 +104,8 @@ def main(argv):
     print(f"floor manual >= 1.00x autodiff at every batch: {'met' if worst >= 1.0 else 'MISSED'} "
           f"(worst ratio {worst:.3f})")  # fmt: skip
     if OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(OUT.value)), exist_ok=True)
-        tmp = OUT.value + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": {**info, "sizes": sizes}, "rows": rows}, f, indent=1)
-        os.replace(tmp, OUT.value)
+        record = {"meta": {**info, "sizes": sizes}, "rows": rows}
+        write_atomic(OUT.value, json.dumps(record, indent=1))
         print(f"wrote {OUT.value}")
 
 

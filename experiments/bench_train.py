@@ -8,8 +8,8 @@ Side by side, interleaved, in one process, MNIST 784-500-10, batch 128, SGD lr 0
   from a Python loop, each batch sliced on the host and copied to the device;
 * ``scan_epoch``: ``bpjax.train``'s epoch: data resident on the device, the
   whole epoch one jitted ``lax.scan`` (reshuffle included);
-* ``gemm_only``: just the matrix products of an epoch (forward ``X W1^T`` and
-  ``dZ1^T X`` for layer 1 plus layer 2's three), the floor for any formulation.
+* ``gemm_only``: just the matrix products of an epoch (``bpjax.sweep.gemm_only_fn``,
+  the batch sweep's roofline), the floor for any formulation.
 
 Then it runs ``bpjax.train`` with the default config (``--method=manual
 --batch=128``, data cached) and reports the wall time at which test accuracy
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
 import time
 
@@ -30,6 +29,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from bpjax import Config, init_params, load_dataset, train
+from bpjax.files import write_atomic
+from bpjax.sweep import gemm_only_args, gemm_only_fn
 from bpjax.timing import compare_fns, device_info
 from bpjax.train import TrainState, make_grad, make_optimizer, run_epoch, train_step
 
@@ -70,22 +71,32 @@ def main(argv):
         functools.partial(run_epoch, step_fn=step, batch=batch), donate_argnums=0
     )
 
-    def gemm_epoch(total, x, w1, w2):
-        def body(carry, i):
-            xb = jax.lax.dynamic_slice_in_dim(x, i * batch, batch)
-            z1 = xb @ w1.T
-            z2 = z1 @ w2.T
-            d1 = z2 @ w2
-            return carry + jnp.sum(d1.T @ xb) + jnp.sum(z2.T @ z1), None
+    # The sweep's GEMM-only roofline (the step's products, same shapes and orientation as
+    # manual), scanned over the epoch's batches of the real images. Each step's products
+    # become the carry, so they are written to memory as a step writes its gradients
+    # (summing them instead lets XLA fuse the reductions into the products: a looser floor).
+    products = gemm_only_fn(len(params))
+    Ws, W_Ts, _, As, dZs = gemm_only_args(
+        (784, 500, 10), batch, "float32", np.random.default_rng(0), jax.devices()[0]
+    )
 
-        return jax.lax.scan(body, total, jnp.arange(steps))[0]
+    def gemm_epoch(last, x, Ws, W_Ts, As, dZs):
+        def body(_, i):
+            xb = jax.lax.dynamic_slice_in_dim(x, i * batch, batch)
+            return products(Ws, W_Ts, xb, As, dZs), None
+
+        return jax.lax.scan(body, last, jnp.arange(steps))[0]
+
+    no_products = jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(products, Ws, W_Ts, x[:batch], As, dZs)
+    )
 
     key = jax.random.key(1)
     timings = compare_fns(
         {
             "python_loop": (python_loop, (jax.tree.map(jnp.copy, state), 0)),
             "scan_epoch": (scan_epoch, (jax.tree.map(jnp.copy, state), x, y, key)),
-            "gemm_only": (jax.jit(gemm_epoch), (jnp.zeros(()), x, params[0]["W"], params[1]["W"])),
+            "gemm_only": (jax.jit(gemm_epoch), (no_products, x, Ws, W_Ts, As, dZs)),
         },
         repeats=FLAGS.repeats,
         warmup=1,
@@ -120,12 +131,7 @@ def main(argv):
         "first_98": hit,
         "history": result.history,
     }
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    tmp = FLAGS.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, FLAGS.out)
-
+    write_atomic(FLAGS.out, json.dumps(out, indent=1))
 
 if __name__ == "__main__":
     app.run(main)

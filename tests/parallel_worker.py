@@ -40,7 +40,7 @@ from test_parallel import RUNS, SMALL, TOY, batch_inputs  # noqa: E402
 
 from bpjax import parallel  # noqa: E402
 from bpjax.config import Config  # noqa: E402
-from bpjax.methods import METHODS, grad_fn  # noqa: E402
+from bpjax.methods import METHODS  # noqa: E402
 from bpjax.network import init_params  # noqa: E402
 from bpjax.train import TrainState, make_grad, run_epoch, train, train_step  # noqa: E402
 
@@ -53,11 +53,7 @@ def grads_on_one_batch(out: str, mesh) -> None:
     params, x, y = batch_inputs()
     save_leaves(os.path.join(out, "inputs.npz"), (params, x, y))
     for method in METHODS:
-        if method == "manual":
-            sharded = parallel.sharded_manual_grad(mesh)
-        else:
-            sharded = parallel.sharded_grad(grad_fn(method), mesh)
-        grads, outputs = jax.jit(sharded)(params, x, y)
+        grads, outputs = jax.jit(parallel.sharded_grad_fn(method, mesh))(params, x, y)
         assert outputs.sharding.spec == parallel.row_sharded(mesh).spec
         save_leaves(os.path.join(out, f"grads-{method}.npz"), grads)
         save_leaves(os.path.join(out, f"outputs-{method}.npz"), outputs)
