@@ -21,6 +21,7 @@ def write_atomic(path: str, data: str | bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # as open() would make it; mkstemp's 0o600 hides it from others
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
