@@ -6,25 +6,35 @@ The network is pure functions over a params pytree (``init_params``,
 """
 
 from bpjax.activations import ACTIVATIONS
-from bpjax.checkpoint import CheckpointError
-from bpjax.config import Config, ConfigError
-from bpjax.data import DataError, Dataset, default_cache_dir, load_dataset, make_regression
+from bpjax.config import Config
+from bpjax.data import Dataset, default_cache_dir, load_dataset, make_regression
+from bpjax.errors import (
+    BpjaxError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    RunError,
+    TrainingError,
+)
 from bpjax.formulas import accumulated_grad, manual_grad, per_example_grads
 from bpjax.losses import LOSSES
 from bpjax.methods import METHODS, grad_fn
 from bpjax.network import forward, init_params, layer_sizes, loss_fn, predict
 from bpjax.privacy import clipped_grad, per_example_grad_norms, private_grad, private_grad_fn
-from bpjax.train import TrainingError, TrainResult, evaluate, read_metrics, train
+from bpjax.rundir import read_metrics
+from bpjax.train import TrainResult, evaluate, train
 
 __all__ = [
     "ACTIVATIONS",
     "LOSSES",
     "METHODS",
+    "BpjaxError",
     "CheckpointError",
     "Config",
     "ConfigError",
     "DataError",
     "Dataset",
+    "RunError",
     "TrainResult",
     "TrainingError",
     "accumulated_grad",

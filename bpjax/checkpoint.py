@@ -18,15 +18,15 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from bpjax.errors import CheckpointError
+
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
 
 # Orbax is imported inside the functions: importing it defines absl flags, and
 # importing bpjax must define none (notebooks re-run cells; see tests).
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for this run; the message says why."""
+__all__ = ["CheckpointError", "checkpoint_manager", "restore_latest", "save_checkpoint"]
 
 
 def checkpoint_manager(workdir: str, *, keep: int = 2) -> ocp.CheckpointManager:

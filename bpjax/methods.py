@@ -64,6 +64,12 @@ _METHODS: dict[str, Callable] = {
 }
 
 
+def check_method(method: str) -> None:
+    """Raises a one-line ValueError unless ``method`` is one of :data:`METHODS`."""
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+
+
 def grad_fn(
     method: str, *, activation: str = "relu", loss: str = "softmax_cross_entropy"
 ) -> GradFn:
@@ -71,6 +77,5 @@ def grad_fn(
 
     The result is a pure function of arrays only, ready for ``jax.jit``.
     """
-    if method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    check_method(method)
     return functools.partial(_METHODS[method], activation=activation, loss=loss)

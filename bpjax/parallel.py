@@ -38,8 +38,9 @@ own rows of every batch, so a process reads just its slice of each batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -47,10 +48,13 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bpjax.config import ConfigError
+from bpjax.errors import ConfigError
 from bpjax.formulas import manual_grad_and_output
 from bpjax.methods import grad_fn
 from bpjax.network import Params
+
+if TYPE_CHECKING:
+    from bpjax.config import Config
 
 Array = jax.Array
 DATA = "data"  # the mesh axis the batch is split along
@@ -90,6 +94,83 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(put, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run's arrays live: one device, or a mesh ``("data",)`` over several.
+
+    ``mesh is None`` is the single-device run: nothing is sharded and the
+    compiled program is the plain single-device one (no sharding annotations).
+    With a mesh, data, parameters and optimizer state are replicated on every
+    device and each batch is split by rows (``shard_rows``). ``form`` is the
+    data-parallel form of the gradient: ``"sharding"`` or ``"shard_map"``.
+    """
+
+    device: jax.Device  # the first device: where single-device arrays live
+    mesh: Mesh | None = None
+    form: str = "sharding"
+
+    @classmethod
+    def for_config(cls, config: Config) -> Placement:
+        """The placement ``config`` asks for, checked against the devices JAX sees.
+
+        One-line ConfigError when the devices are too few, the batch does not
+        divide over them, or the processes are not those the config names.
+        """
+        check_processes(config.num_processes)
+        if config.num_devices == 1 and config.num_processes == 1:
+            return cls(select_devices(config.platform, 1)[0])
+        devices = select_devices(config.platform, config.num_devices, config.num_processes)
+        if not config.num_devices:  # --num_devices=0 (all): the count is known only now
+            check_batch_divides(
+                config.batch, len(devices),
+                over=f"the {len(devices)} devices of --num_devices=0 (all)",
+            )  # fmt: skip
+        if len(devices) == 1:  # --num_devices=0 on a one-device host
+            return cls(devices[0])
+        return cls(devices[0], make_data_mesh(devices), config.parallel)
+
+    @property
+    def is_main(self) -> bool:
+        """Process 0: the one that logs and writes files."""
+        return jax.process_index() == 0
+
+    def put(self, tree: Any) -> Any:
+        """Host values -> arrays on the device, or replicated over the mesh."""
+        if self.mesh is None:
+            return jax.device_put(tree, self.device)
+        return replicate(tree, self.mesh)
+
+    def put_restored(self, tree: Any) -> Any:
+        """A restored checkpoint onto the device (Orbax restores a mesh's layout itself)."""
+        return jax.device_put(tree, self.device) if self.mesh is None else tree
+
+    def shard_rows(self, a: Array) -> Array:
+        """Inside ``jit``: split ``a: (M, ...)`` by rows over the mesh; no-op on one device."""
+        return a if self.mesh is None else shard_rows(a, self.mesh)
+
+    def describe(self) -> str:
+        """E.g. ``cpu (cpu)`` or ``8 x cpu (cpu), data parallel by sharding``."""
+        where = f"{self.device.device_kind} ({self.device.platform})"
+        if self.mesh is None:
+            return where
+        processes = jax.process_count()
+        return f"{self.mesh.size} x {where}, data parallel by {self.form}" + (
+            f" over {processes} processes" if processes > 1 else ""
+        )
+
+
+def check_batch_divides(batch: int, num_devices: int, over: str | None = None) -> None:
+    """Every device gets batch / num_devices rows: the batch must divide.
+
+    ``over`` names the devices in the error (default ``--num_devices=N``).
+    """
+    if batch % num_devices:
+        raise ConfigError(
+            f"--batch={batch} does not divide over {over or f'--num_devices={num_devices}'}:"
+            f" use a batch that is a multiple of {num_devices}"
+        )
 
 
 def sharded_manual_grad(

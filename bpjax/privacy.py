@@ -62,7 +62,7 @@ from jax import lax
 from bpjax.activations import get_activation
 from bpjax.formulas import manual_grad_and_output
 from bpjax.losses import get_loss
-from bpjax.methods import METHODS
+from bpjax.methods import check_method
 from bpjax.network import Params, check_inputs, forward, predict
 
 Array = jax.Array
@@ -291,8 +291,7 @@ def per_example_clipped_sum(
     loss: str = "softmax_cross_entropy",
 ) -> tuple[Params, Array]:
     """``(grads_sum, outputs)``: the clipped **sum** Σ_m c_m g_m by ``method``'s route."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    check_method(method)
     route = _CLIPPED_SUM_ROUTES.get(method, _DEFAULT_ROUTE)
     return route(params, x, y, clip=clip, activation=activation, loss=loss)
 
@@ -314,8 +313,7 @@ def private_grad_fn(
     ``"manual"`` uses ghost clipping; all other methods clip per-example
     gradients (see the module docstring); all give the same result for the same key.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    check_method(method)
     for name, value in (("clip", clip), ("noise_multiplier", noise_multiplier)):
         if isinstance(value, int | float) and not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")

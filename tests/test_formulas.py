@@ -214,6 +214,33 @@ def test_routes_agree_float64_output_width_one():
     check_routes_float64([(sizes, 7, a, "squared_error") for sizes, a in WIDTH_ONE_OUTPUT])
 
 
+def test_routes_agree_float64_soft_targets():
+    # Label smoothing: rows of y are probabilities, not one-hot; and unnormalised rows
+    # (Σy != 1, e.g. a weighted sample). The output error is softmax(z) Σy - y; a version
+    # that drops the Σy factor agrees with jax.grad on one-hot targets only.
+    cases = [(SIZES[2], 7, "relu", "softmax_cross_entropy"),
+             (SIZES[3], 5, "tanh", "softmax_cross_entropy")]  # fmt: skip
+    problems = []
+    for sizes, batch, _, loss in cases:
+        params, x, y = make_problem(sizes, batch, loss)
+        smooth = 0.9 * y + 0.1 / sizes[-1]  # label smoothing, Σy = 1
+        smooth[0] *= 2.5  # and one row with Σy = 2.5
+        problems.append((params, x, smooth))
+    with jax.enable_x64(True):
+        results = packed_jit(
+            lambda activation, loss, *problem: all_routes(*problem, activation, loss),
+            [case[2:] for case in cases],
+            to_jax(problems, jnp.float64),
+        )
+    for case, (reference, routes) in zip(cases, results, strict=True):
+        assert_nontrivial(reference)
+        for name, grads in routes.items():
+            try:
+                assert_trees_close(grads, reference, rtol=RTOL64, atol=ATOL64)
+            except AssertionError as e:
+                raise AssertionError(f"{case}: {name} != jax.grad(loss_fn): {e}") from None
+
+
 def test_relu_kink_subgradient_matches_autodiff():
     # Zero biases (as init_params gives) and all-zero input rows put every
     # pre-activation of those rows exactly on the kink: σ'(0) must be the

@@ -124,7 +124,7 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     accuracy = re.search(r"done: \d+ epochs, test accuracy ([\d.]+)%", text)
     assert accuracy, "the training run's summary line is missing"
     assert float(accuracy.group(1)) > 85.0, accuracy.group(0)
-    assert "compilations of the epoch function: 1" in text
+    assert "traces (compilations) of the epoch function: 1" in text
 
     figures = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 2, "expected the training curves and the sweep plot"
@@ -169,7 +169,7 @@ _IMPORT_PROBE = textwrap.dedent(
 
     environ.__getitem__, environ.__iter__ = getitem, iterate
     import bpjax
-    import bpjax.data, bpjax.privacy, bpjax.sweep, bpjax.timing, bpjax.train
+    import bpjax.data, bpjax.privacy, bpjax.bench.sweep, bpjax.bench.timing, bpjax.train
     environ.__getitem__, environ.__iter__ = real_getitem, real_iter
     result = {
         "new_flags": sorted(set(flags.FLAGS) - before),

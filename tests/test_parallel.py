@@ -23,7 +23,8 @@ from bpjax.checkpoint import checkpoint_manager, restore_latest
 from bpjax.config import Config, ConfigError
 from bpjax.methods import METHODS, grad_fn
 from bpjax.network import predict
-from bpjax.train import data_mesh, train
+from bpjax.parallel import Placement
+from bpjax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL, ATOL = 1e-10, 1e-12
@@ -96,7 +97,7 @@ def test_eight_devices_train_to_the_one_device_params(eight, tmp_path, name):
     params = load_like(out / f"train-{name}.npz", reference.params)
     chex.assert_trees_all_close(params, reference.params, rtol=RTOL, atol=ATOL)
     run = summary["runs"][name]
-    assert run["compiles"] == 1
+    assert run["traces"] == 1
     for got, want in zip(run["history"], reference.history, strict=True):
         np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=RTOL)
         np.testing.assert_allclose(got["test_loss"], want["test_loss"], rtol=RTOL)
@@ -225,12 +226,13 @@ def test_more_devices_than_jax_sees_is_refused():
     config = Config(num_devices=8, batch=16)
     with pytest.raises(ConfigError, match=r"--num_devices=8 but JAX sees 1 cpu device: .*"
                                           r"xla_force_host_platform_device_count=8"):
-        data_mesh(config)
+        Placement.for_config(config)
 
 
 def test_one_device_builds_no_mesh():
-    assert data_mesh(Config()) is None
-    assert data_mesh(Config(num_devices=0)) is None  # all devices = the one there is
+    assert Placement.for_config(Config()).mesh is None
+    # All devices = the one there is: still the single-device program.
+    assert Placement.for_config(Config(num_devices=0)).mesh is None
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,22 @@
-"""bpjax.timing: the protocol every benchmark's numbers go through."""
+"""bpjax.bench.timing: the protocol every benchmark's numbers go through."""
 
 import itertools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bpjax.timing import COMPILES, compare_fns, compile_fn, time_fn, timing_from_times
+from bpjax.bench.timing import (
+    COMPILES,
+    carried_state,
+    compare_fns,
+    compile_fn,
+    time_fn,
+    timing_from_times,
+)
+from bpjax.train import TrainState
 
 
 def test_timing_statistics_from_raw_times():
@@ -56,6 +65,40 @@ def test_carry_feeds_the_first_output_back_like_a_training_loop():
     # Without carry the second call would pass the buffer the first one donated.
     with pytest.raises(ValueError, match="deleted or donated"):
         time_fn(step, jnp.zeros(()), jnp.ones(()), repeats=2, warmup=1, carry=False)
+
+
+class _State(NamedTuple):
+    count: int
+    history: tuple
+
+
+def test_carry_feeds_a_namedtuple_state_back_whole():
+    """A step returning its state as a NamedTuple (TrainState) gets that state back, not field 0."""
+    seen = []
+
+    def step(state, inc):
+        seen.append(state)
+        return _State(state.count + inc, (*state.history, state.count))
+
+    time_fn(step, _State(0, ()), 1, repeats=3, warmup=1, carry=True)
+    assert all(isinstance(s, _State) for s in seen) and [s.count for s in seen] == [0, 1, 2, 3]
+    # ... and a plain tuple (state, metrics) gets its first element back.
+    pairs = []
+    time_fn(lambda s: pairs.append(s) or (s + 1, {"loss": 0.0}), 0, repeats=2, warmup=1,
+            carry=True)  # fmt: skip
+    assert pairs == [0, 1, 2]
+
+
+def test_carry_threads_a_donated_train_state_through_a_jitted_step():
+    def step(state, x):
+        params = jax.tree.map(lambda p: p + x, state.params)
+        return TrainState(params, state.opt_state, state.step + 1)
+
+    state = TrainState({"W": jnp.zeros((3,))}, (), jnp.zeros((), jnp.int32))
+    t = time_fn(jax.jit(step, donate_argnums=0), state, jnp.ones(()), repeats=4, warmup=1,
+                carry=True)  # fmt: skip
+    assert t.repeats == 4
+    assert carried_state(state) is state and carried_state((state, {})) is state
 
 
 def test_min_time_adds_rounds_for_fast_functions():

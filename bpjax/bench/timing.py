@@ -19,11 +19,16 @@ they print are measured the same way (STYLE.md, "Running, measuring, logging"):
   would nearly always follow A.
 
 A step that donates its state (``donate_argnums=0``) cannot be called twice on
-the same buffers; ``carry=True`` threads the first output back in as the
-first argument of the next call, exactly as a training loop does.
+the same buffers; ``carry=True`` threads the state it returns back in as the
+first argument of the next call, exactly as a training loop does: the first
+element of a plain tuple ``(state, metrics)``, or the whole output when that is
+the state itself (an array, or a ``NamedTuple`` such as ``bpjax.train.TrainState``).
 
-    >>> t = time_fn(jax.jit(step, donate_argnums=0), state, batch, carry=True)
+    >>> t = time_fn(jax.jit(step, donate_argnums=0), state, x, y, carry=True)
     >>> t.median_s, t.compile_s
+
+The compile counter listens to ``jax.monitoring`` from import on; only the
+measuring wing (``bpjax.bench``) imports this module.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from typing import Any
 import jax
 import jaxlib
 import numpy as np
+
+from bpjax.config import PLATFORMS
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -147,12 +154,23 @@ def _block(out: Any) -> Any:
     return jax.block_until_ready(out)
 
 
+def carried_state(out: Any) -> Any:
+    """The state a step returns: ``out[0]`` of a plain tuple ``(state, metrics)``, else ``out``.
+
+    A ``NamedTuple`` is a tuple too, but one that is the state itself
+    (``TrainState``): it is carried whole, never its first field.
+    """
+    if isinstance(out, tuple) and not hasattr(out, "_fields"):
+        return out[0]
+    return out
+
+
 def _call_once(fn: Callable, args: list[Any], carry: bool) -> tuple[float, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     out = _block(fn(*args))
     dt, dc = time.perf_counter() - t0, time.process_time() - c0
     if carry:
-        args[0] = out[0] if isinstance(out, tuple) else out
+        args[0] = carried_state(out)
     return dt, dc
 
 
@@ -172,8 +190,9 @@ def compare_fns(
         its ``args`` (when it has ``.lower``) and then called as ``fn(*args)``.
       repeats: timed rounds (at least this many; see ``min_time_s``).
       warmup: untimed rounds first (caches, thread pools, page faults).
-      carry: the first output of each call replaces its first argument (for
-        steps that donate their state): ``True`` for all, or the names to carry.
+      carry: the state each call returns (:func:`carried_state`) replaces its
+        first argument (for steps that donate their state): ``True`` for all,
+        or the names to carry.
       min_time_s: keep adding rounds until this much total time was timed, so
         microsecond-scale functions get enough samples for a stable median.
       max_time_s: stop adding rounds (beyond ``repeats``) past this total.
@@ -246,6 +265,18 @@ def device_info(device: jax.Device | None = None) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     return info
+
+
+def available_platforms() -> tuple[str, ...]:
+    """The platforms JAX can run on here, in ``bpjax.config.PLATFORMS`` order."""
+    found = []
+    for p in PLATFORMS:
+        try:
+            if jax.devices(p):
+                found.append(p)
+        except RuntimeError:
+            pass
+    return tuple(found)
 
 
 def _cpu_model() -> str:

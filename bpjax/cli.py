@@ -1,0 +1,158 @@
+"""The one bridge from absl flags to a frozen settings dataclass, for entry points only.
+
+    define_flags(Config)            # at module level of launch.py (or a script)
+    config = from_flags(Config)     # inside main(), after absl parsed argv
+
+Every field of the dataclass becomes a flag of the same name, typed from its
+annotation: ``bool`` -> ``DEFINE_bool``, ``int`` / ``float`` -> ``DEFINE_integer``
+/ ``DEFINE_float``, ``str`` with ``choices`` in the field's metadata ->
+``DEFINE_enum`` (so ``--help`` lists them), other ``str`` -> ``DEFINE_string``,
+``tuple[...]`` -> ``DEFINE_list``. ``X | None`` fields default to None. The
+help text is the field's ``metadata["help"]``; a field whose flag syntax is its
+own (e.g. ``method=batch`` pairs) gives ``metadata["parse"]`` (list of strings
+-> value) and ``metadata["format"]`` (value -> list of strings).
+
+Importing this module defines no flag; only calling :func:`define_flags` does,
+and only entry points call it (a library module that did would break notebooks,
+which re-run cells). :func:`run` wraps ``absl.app.run`` the way every entry point
+needs: JAX's own flags (``--jax_platforms``, ``--jax_enable_x64``, ...) are
+accepted, and a :class:`~bpjax.errors.BpjaxError` becomes one ``error:`` line and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from absl import app, flags
+
+from bpjax.errors import BpjaxError, ConfigError
+
+T = TypeVar("T")
+
+
+def _field_type(hint: Any) -> tuple[Any, bool]:
+    """``(base type, optional)`` of an annotation like ``int | None`` or ``tuple[int, ...]``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (base,) = [a for a in args if a is not type(None)]
+        return base, True
+    return hint, False
+
+
+def define_flags(
+    cls: type, *, exclude: Iterable[str] = (), flag_values: flags.FlagValues = flags.FLAGS
+) -> None:
+    """Defines one absl flag per field of the dataclass ``cls`` (see the module docstring).
+
+    The flags belong to the calling module, so its ``--help`` lists them.
+    """
+    module_name = sys._getframe(1).f_globals.get("__name__", "__main__")
+    if module_name == "__main__":  # absl names the main module by its path
+        module_name = sys.argv[0]
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
+        base, _ = _field_type(hints[field.name])
+        meta = field.metadata
+        help_text = meta.get("help", field.name)
+        choices = meta.get("choices")
+        default = field.default
+        kw = {"name": field.name, "help": help_text, "flag_values": flag_values,
+              "module_name": module_name}  # fmt: skip
+        if "format" in meta:
+            value = None if default is None else meta["format"](default)
+            flags.DEFINE_list(default=value, **kw)
+        elif typing.get_origin(base) is tuple:
+            value = None if default is None else [str(v) for v in default]
+            if choices:
+                kw["help"] = f"{help_text} Any of: {', '.join(choices)}."
+            flags.DEFINE_list(default=value, **kw)
+        elif base is bool:
+            flags.DEFINE_bool(default=default, **kw)
+        elif base is int:
+            flags.DEFINE_integer(default=default, **kw)
+        elif base is float:
+            flags.DEFINE_float(default=default, **kw)
+        elif base is str and choices:
+            flags.DEFINE_enum(default=default, enum_values=list(choices), **kw)
+        elif base is str:
+            flags.DEFINE_string(default=default, **kw)
+        else:
+            raise TypeError(f"{cls.__name__}.{field.name}: no flag type for {hints[field.name]}")
+
+
+def _from_list(name: str, items: list[str], base: Any, meta: Any) -> Any:
+    if "parse" in meta:
+        return meta["parse"](items)
+    (item_type, *_) = typing.get_args(base)
+    try:
+        return tuple(item_type(v) for v in items)
+    except ValueError:
+        kind = "integers" if item_type is int else f"{item_type.__name__} values"
+        raise ConfigError(
+            f"--{name} must be a comma list of {kind}, got {','.join(items)!r}"
+        ) from None
+
+
+def from_flags(
+    cls: type[T],
+    *,
+    exclude: Iterable[str] = (),
+    flag_values: flags.FlagValues = flags.FLAGS,
+    **overrides: Any,
+) -> T:
+    """Builds ``cls`` from the parsed flags its fields define (``overrides`` win).
+
+    Raises the dataclass's own validation errors (``ConfigError``), so a bad
+    value gets the same one-line message as in a notebook.
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name in exclude or field.name in overrides:
+            continue
+        value = flag_values[field.name].value
+        base, _ = _field_type(hints[field.name])
+        if value is not None and ("parse" in field.metadata or typing.get_origin(base) is tuple):
+            value = _from_list(field.name, value, base, field.metadata)
+        values[field.name] = value
+    return cls(**values, **overrides)
+
+
+def given_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> set[str]:
+    """The fields of ``cls`` whose flags were given on the command line."""
+    return {f.name for f in dataclasses.fields(cls) if flag_values[f.name].present}
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """``absl.app.run(main)`` with JAX's flags and one-line errors (see the module docstring)."""
+    import jax
+
+    jax.config.config_with_absl()
+
+    def guarded(argv: list[str]) -> None:
+        if len(argv) > 1:
+            sys.exit(f"error: unexpected arguments {argv[1:]}: flags take the form --name=value")
+        try:
+            main(argv)
+        except BpjaxError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with its errors as one ``error:`` line (absl prints two)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e} (see --help)", file=sys.stderr)
+        sys.exit(2)

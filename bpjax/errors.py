@@ -1,0 +1,37 @@
+"""The project's error types, under one base class.
+
+Every error bpjax raises on purpose is a :class:`BpjaxError` whose message is
+one line saying what was wrong and how to fix it; entry points catch that one
+class, print ``error: <message>`` and exit non-zero, never a traceback. The
+extra bases keep older ``except ValueError`` / ``except RuntimeError`` callers
+working.
+"""
+
+from __future__ import annotations
+
+
+class BpjaxError(Exception):
+    """Base of every error bpjax raises deliberately; the message is one line."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(BpjaxError, ValueError):
+    """A setting that cannot work; the message names it and how to fix it."""
+
+
+class DataError(BpjaxError):
+    """A dataset could not be read, verified or fetched."""
+
+
+class CheckpointError(BpjaxError, ValueError):
+    """A checkpoint that cannot be used for this run; the message says why."""
+
+
+class TrainingError(BpjaxError, RuntimeError):
+    """A run that had to stop (a loss that diverged, ...); the message says where and why."""
+
+
+class RunError(BpjaxError):
+    """A run directory that is missing or cannot be used as asked."""
