@@ -16,6 +16,7 @@ from bpjax.errors import (
     RunError,
     TrainingError,
 )
+from bpjax.feedback import FEEDBACK_RULES, alignment, init_feedback, kp_feedback_grads
 from bpjax.formulas import accumulated_grad, manual_grad, per_example_grads
 from bpjax.losses import LOSSES
 from bpjax.methods import METHODS, grad_fn
@@ -26,6 +27,7 @@ from bpjax.train import TrainResult, evaluate, train
 
 __all__ = [
     "ACTIVATIONS",
+    "FEEDBACK_RULES",
     "LOSSES",
     "METHODS",
     "BpjaxError",
@@ -38,12 +40,15 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "accumulated_grad",
+    "alignment",
     "clipped_grad",
     "default_cache_dir",
     "evaluate",
     "forward",
     "grad_fn",
+    "init_feedback",
     "init_params",
+    "kp_feedback_grads",
     "layer_sizes",
     "load_dataset",
     "loss_fn",

@@ -46,6 +46,12 @@ For one sample (the first document, section 2) the same recursion is written
 with vectors: δ_L = o - y, δ_l = diag(φ'(z_l)) W_{l+1}^T δ_{l+1},
 dW_l = δ_l a_{l-1}^T, db_l = δ_l (``single_sample_backward``).
 
+Feedback rules (``feedback.py``): ``rule`` swaps the matrix (7.2) multiplies,
+(W^{l+1})^T under ``"bp"``, for the rule's own (fa, kp: (B^{l+1})^T; sign:
+sign(W^{l+1})^T; dfa: B^l, applied to the output error dZ^L); (7.1), (7.3), (7.4)
+are unchanged, and so is the compiled ``"bp"`` program. Every function below
+takes ``rule`` (static) and ``feedback`` (the B matrices, a pytree argument).
+
 Three routes to the batch gradient live here, and the tests prove them equal:
 ``manual_grad`` on a batch (section 7, all samples at once), the mean of
 ``manual_grad`` vmapped over samples (section 0.3: samples never interact),
@@ -54,11 +60,14 @@ and ``accumulated_grad`` (section 8: one sample at a time, summed, averaged).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from bpjax.activations import get_activation
+from bpjax.feedback import Feedback, backward_matrices, check_feedback, takes_output_error
 from bpjax.losses import get_loss
 from bpjax.network import Params, check_inputs, forward
 
@@ -66,7 +75,13 @@ Array = jax.Array
 
 
 def full_matrix_backward(
-    params: Params, zs: list[Array], activations: list[Array], dZ_L: Array, sigma_prime
+    params: Params,
+    zs: list[Array],
+    activations: list[Array],
+    dZ_L: Array,
+    sigma_prime: Callable[[Array], Array],
+    rule: str = "bp",
+    feedback: Feedback = (),
 ) -> Params:
     """Second document, section 7: all M samples at once, in its column layout.
 
@@ -80,10 +95,13 @@ def full_matrix_backward(
         (a transposed view: XLA folds it into the products, nothing is copied).
       dZ_L: the output error dC/dZ^L, ``(N_L, M)``, already including 1/M.
       sigma_prime: σ', elementwise.
+      rule, feedback: what (7.2) multiplies (``feedback.backward_matrices``).
     """
-    # (W^l)^T of (7.2), each its own small copy kernel ahead of the forward pass
-    # (the barrier stops XLA folding the transpose into the product; see "Speed").
-    W_T = [None, *lax.optimization_barrier([p["W"].T for p in params[1:]])]
+    # The matrix of (7.2), (W^{l+1})^T under bp, each its own small copy kernel ahead
+    # of the forward pass (the barrier stops XLA folding the transpose into the
+    # product; see "Speed"); ``G[l]`` carries the error into layer l.
+    G = [None, *lax.optimization_barrier(backward_matrices(params, feedback, rule))]
+    direct = takes_output_error(rule)                           # dfa: from dZ^L itself
     grads: Params = [None] * len(params)  # type: ignore[list-item]
     dZ = dZ_L                                                   # (7.1)
     for l in reversed(range(len(params))):
@@ -92,18 +110,27 @@ def full_matrix_backward(
             "b": jnp.sum(dZ, axis=1),                           # (7.4) db^l = dZ^l · ones(M, 1)
         }
         if l > 0:
-            dZ = (W_T[l] @ dZ) * sigma_prime(zs[l - 1])         # (7.2)
+            dZ = (G[l] @ (dZ_L if direct else dZ)) * sigma_prime(zs[l - 1])  # (7.2)
     return grads
 
 
 def single_sample_backward(
-    params: Params, zs: list[Array], activations: list[Array], delta_L: Array, sigma_prime
+    params: Params,
+    zs: list[Array],
+    activations: list[Array],
+    delta_L: Array,
+    sigma_prime: Callable[[Array], Array],
+    rule: str = "bp",
+    feedback: Feedback = (),
 ) -> Params:
     """First document, section 2: the δ recursion for one sample.
 
     Shapes are vectors: ``zs[l-1]`` is z_l ``(N_l,)``, ``activations[l]`` is
     a_l ``(N_l,)`` with a_0 = x, ``delta_L`` is δ_L = o - y ``(N_L,)``.
+    ``rule`` swaps W_{l+1}^T as in ``full_matrix_backward``.
     """
+    G = [None, *backward_matrices(params, feedback, rule)]    # W_{l+1}^T under bp
+    direct = takes_output_error(rule)
     grads: Params = [None] * len(params)  # type: ignore[list-item]
     delta = delta_L                                                     # δ_3 = o - y
     for l in reversed(range(len(params))):
@@ -113,7 +140,7 @@ def single_sample_backward(
         }
         if l > 0:
             # δ_l = diag(φ'(z_l)) W_{l+1}^T δ_{l+1}
-            delta = sigma_prime(zs[l - 1]) * (params[l]["W"].T @ delta)
+            delta = sigma_prime(zs[l - 1]) * (G[l] @ (delta_L if direct else delta))
     return grads
 
 
@@ -124,15 +151,21 @@ def manual_grad_and_output(
     *,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> tuple[Params, Array]:
     """``manual_grad`` that also returns the output Z^L (for loss and accuracy)."""
     check_inputs(params, x, y)
+    feedback = check_feedback(params, feedback, rule)
     sigma, sigma_prime = get_activation(activation)
     error = get_loss(loss).error
     if x.ndim == 1:
         zs, activations = forward(params, x, activation)
         delta_L = error(zs[-1], y)
-        return single_sample_backward(params, zs, activations, delta_L, sigma_prime), zs[-1]
+        grads = single_sample_backward(
+            params, zs, activations, delta_L, sigma_prime, rule, feedback
+        )
+        return grads, zs[-1]
     # The labels in the documents' layout, Y: (N_L, M), as their own copy kernel that
     # does not wait for the forward pass (the barrier keeps it apart; see "Speed").
     Y = lax.optimization_barrier(y.T)
@@ -146,7 +179,7 @@ def manual_grad_and_output(
     # the error of each sample (column m) is the loss's δ_L(Z^L_m, Y_m).
     per_column = jax.vmap(error, in_axes=1, out_axes=1)
     dZ_L = per_column(zs[-1], Y) / x.shape[0]                      # (7.1), (N_L, M)
-    grads = full_matrix_backward(params, zs, activations, dZ_L, sigma_prime)
+    grads = full_matrix_backward(params, zs, activations, dZ_L, sigma_prime, rule, feedback)
     return grads, zs[-1].T                                         # Z^L as (M, N_L) rows
 
 
@@ -157,15 +190,20 @@ def manual_grad(
     *,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> Params:
     """Gradient of ``loss_fn`` by the documents' formulas; same pytree as ``params``.
 
     ``x: (M, n_0)`` uses the second document's full-matrix formulas (section
     7); ``x: (n_0,)`` uses the first document's single-sample δ recursion, so
     ``jax.vmap(manual_grad, in_axes=(None, 0, 0))`` gives per-example gradients.
-    Jit it with ``activation`` and ``loss`` static.
+    ``rule`` (``feedback.FEEDBACK_RULES``) swaps the matrix of (7.2) for the rule's,
+    ``feedback`` its matrices (``init_feedback``); ``"bp"`` is the true gradient.
+    Jit it with ``activation``, ``loss`` and ``rule`` static.
     """
-    return manual_grad_and_output(params, x, y, activation=activation, loss=loss)[0]
+    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+    return manual_grad_and_output(params, x, y, **kw)[0]
 
 
 def per_example_grads(
@@ -175,13 +213,17 @@ def per_example_grads(
     *,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> Params:
     """Per-example gradients: the single-sample form vmapped over rows.
 
     Returns the params pytree with a leading ``M`` axis on every leaf
     (``W: (M, n_out, n_in)``); their mean over axis 0 is ``manual_grad``.
     """
-    grad = lambda xm, ym: manual_grad(params, xm, ym, activation=activation, loss=loss)  # noqa: E731
+    feedback = check_feedback(params, feedback, rule)  # here, not first inside jax.vmap
+    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+    grad = lambda xm, ym: manual_grad(params, xm, ym, **kw)  # noqa: E731
     return jax.vmap(grad)(x, y)
 
 
@@ -192,12 +234,16 @@ def accumulated_grad_and_output(
     *,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> tuple[Params, Array]:
     """``accumulated_grad`` that also returns each sample's output ``(M, n_L)``."""
     check_inputs(params, x, y)
+    feedback = check_feedback(params, feedback, rule)  # here, not first inside lax.scan
+    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
 
     def add_sample(total: Params, sample: tuple[Array, Array]) -> tuple[Params, Array]:
-        g, z = manual_grad_and_output(params, *sample, activation=activation, loss=loss)
+        g, z = manual_grad_and_output(params, *sample, **kw)
         return jax.tree.map(jnp.add, total, g), z
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -212,6 +258,8 @@ def accumulated_grad(
     *,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> Params:
     """Second document, section 8: one sample at a time, summed, then averaged.
 
@@ -219,4 +267,5 @@ def accumulated_grad(
     the single-sample formulas inside a ``lax.scan`` (sequential, as the
     section describes), accumulate the sum, divide by M.
     """
-    return accumulated_grad_and_output(params, x, y, activation=activation, loss=loss)[0]
+    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+    return accumulated_grad_and_output(params, x, y, **kw)[0]

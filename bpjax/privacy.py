@@ -39,6 +39,12 @@ be compared key for key: c_m = nan_to_num(min(C / ||g_m||, 1), nan=1) (no epsilo
 zero gradient gets c_m = 1), and the noise for the k-th leaf of the flattened params
 is ``normal(split(key, n_leaves + 1)[k + 1])``.
 
+Feedback rules (``bpjax.feedback``). Under a rule other than bp, sample m's update
+is still the outer product dZ^l_m (A^{l-1}_m)^T, with the rule's own row dZ^l_m from
+(7.2); so (N), (C) and (P) hold as written with those rows: ghost clipping clips the
+rule's per-example updates (``rule=`` everywhere below). ``jax.grad`` knows only the
+true gradient, so the autodiff routes refuse other rules.
+
 Two routes, the same answer (``private_grad_fn``):
 
 * ``"manual"``: equations (N) and (C), one forward and one backward pass over
@@ -60,20 +66,28 @@ import jax.numpy as jnp
 from jax import lax
 
 from bpjax.activations import get_activation
+from bpjax.feedback import Feedback, check_feedback, error_rows
 from bpjax.formulas import manual_grad_and_output
 from bpjax.losses import get_loss
 from bpjax.methods import check_method
 from bpjax.network import Params, check_inputs, forward, predict
 
 Array = jax.Array
-PrivateGradFn = Callable[[Params, Array, Array, Array], tuple[Params, Array]]
+PrivateGradFn = Callable[..., tuple[Params, Array]]  # (params, x, y, key, feedback=())
 
 
 # --------------------------------------------------------------------------- manual route
 def per_sample_errors(
-    params: Params, x: Array, y: Array, *, activation: str, loss: str
+    params: Params,
+    x: Array,
+    y: Array,
+    *,
+    activation: str,
+    loss: str,
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> tuple[list[Array], list[Array], Array]:
-    """Forward, then (7.1)-(7.2) for the per-sample losses ℓ_m (no 1/M).
+    """Forward, then (7.1)-(7.2) for the per-sample losses ℓ_m (no 1/M), (7.2) by ``rule``.
 
     Returns:
       ``(dZs, activations, Z_L)``: ``dZs[l]`` is dℓ_m/dZ^{l+1} for every row m,
@@ -83,12 +97,11 @@ def per_sample_errors(
     check_inputs(params, x, y)
     if x.ndim != 2:
         raise ValueError(f"x must be a batch (M, n_0), got {x.shape}")
+    feedback = check_feedback(params, feedback, rule)
     _, sigma_prime = get_activation(activation)
     zs, activations = forward(params, x, activation)
-    dZs: list[Array] = [None] * len(params)  # type: ignore[list-item]
-    dZs[-1] = get_loss(loss).error(zs[-1], y)                           # (7.1), without 1/M
-    for l in reversed(range(1, len(params))):
-        dZs[l - 1] = (dZs[l] @ params[l]["W"]) * sigma_prime(zs[l - 1])  # (7.2)
+    dZ_L = get_loss(loss).error(zs[-1], y)                              # (7.1), without 1/M
+    dZs = error_rows(params, feedback, zs, dZ_L, sigma_prime, rule)     # (7.2), in rows
     return dZs, activations, zs[-1]
 
 
@@ -112,15 +125,18 @@ def per_example_grad_norms(
     *,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> Array:
     """``(M,)`` global L2 norms of the per-example gradients ∇ℓ(z^L_m, y_m), eq. (N).
 
     Over all layers, weights and biases; the gradient of sample m's own loss (not
     of the batch mean, so not divided by M). Equals
     ``vmap(jax.grad(ℓ))`` followed by each example's norm, without ever forming
-    the per-example gradients.
+    the per-example gradients. Under ``rule``, the norms of its per-example updates.
     """
-    dZs, activations, _ = per_sample_errors(params, x, y, activation=activation, loss=loss)
+    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+    dZs, activations, _ = per_sample_errors(params, x, y, **kw)
     return _norms_from_errors(dZs, activations)
 
 
@@ -141,6 +157,8 @@ def clipped_grad_and_norms(
     clip: float | Array,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> tuple[Params, Array, Array]:
     """The clipped **sum** Σ_m c_m g_m by ghost clipping, eq. (C).
 
@@ -148,7 +166,8 @@ def clipped_grad_and_norms(
       ``(grads_sum, norms, outputs)``: the params pytree (a sum over the batch,
       not a mean), the ``(M,)`` per-example norms before clipping, and Z^L ``(M, N_L)``.
     """
-    dZs, activations, Z_L = per_sample_errors(params, x, y, activation=activation, loss=loss)
+    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+    dZs, activations, Z_L = per_sample_errors(params, x, y, **kw)
     norms_M = _norms_from_errors(dZs, activations)
     c_M = clip_factors(norms_M, clip)
     grads: Params = []
@@ -169,11 +188,12 @@ def clipped_grad(
     clip: float | Array,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> tuple[Params, Array]:
     """``(grads_sum, outputs)``: the clipped **sum** Σ_m c_m g_m (C) and Z^L ``(M, N_L)``."""
-    grads, _, Z_L = clipped_grad_and_norms(
-        params, x, y, clip=clip, activation=activation, loss=loss
-    )
+    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+    grads, _, Z_L = clipped_grad_and_norms(params, x, y, clip=clip, **kw)
     return grads, Z_L
 
 
@@ -219,15 +239,17 @@ def private_grad(
     noise_multiplier: float | Array,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> Params:
     """DP-SGD gradient, eq. (P): the clipped sum plus noise, as a **mean** (÷ M).
 
     Ghost clipping (the ``"manual"`` route of ``private_grad_fn``). With
     ``clip=inf, noise_multiplier=0`` it equals ``manual_grad``.
     """
-    return private_grad_fn(
-        "manual", clip=clip, noise_multiplier=noise_multiplier, activation=activation, loss=loss
-    )(params, x, y, key)[0]
+    kw = dict(activation=activation, loss=loss, rule=rule)
+    fn = private_grad_fn("manual", clip=clip, noise_multiplier=noise_multiplier, **kw)
+    return fn(params, x, y, key, feedback)[0]
 
 
 # -------------------------------------------------------------- per-example-gradient routes
@@ -247,21 +269,23 @@ def _per_example_global_norm_clip(grads_M: Params, clip) -> tuple[Params, Array]
 def _vmap_clipped_sum(single_grad: Callable) -> Callable:
     """Clipped sum from per-example gradients built by ``jax.vmap(single_grad)``."""
 
-    def clipped_sum(params, x, y, *, clip, activation, loss):
+    def clipped_sum(params, x, y, *, clip, activation, loss, rule, feedback):
         check_inputs(params, x, y)
-        one = functools.partial(single_grad, activation=activation, loss=loss)
-        grads_M, Z_L = jax.vmap(one, in_axes=(None, 0, 0))(params, x, y)  # (M, ...) leaves
+        one = functools.partial(single_grad, activation=activation, loss=loss, rule=rule)
+        per_example = lambda p, xm, ym, fb: one(p, xm, ym, feedback=fb)  # noqa: E731
+        grads_M, Z_L = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, x, y, feedback)
         return _per_example_global_norm_clip(grads_M, clip)[0], Z_L
 
     return clipped_sum
 
 
-def _scan_clipped_sum(params, x, y, *, clip, activation, loss):
+def _scan_clipped_sum(params, x, y, *, clip, activation, loss, rule, feedback):
     """Section 8: one sample at a time; clip each gradient before adding it."""
     check_inputs(params, x, y)
+    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
 
     def add_clipped(total: Params, sample: tuple[Array, Array]) -> tuple[Params, Array]:
-        g, z = manual_grad_and_output(params, *sample, activation=activation, loss=loss)
+        g, z = manual_grad_and_output(params, *sample, **kw)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(g)))
         c = clip_factors(norm, clip)
         return jax.tree.map(lambda t, gi: t + c * gi, total, g), z
@@ -270,7 +294,12 @@ def _scan_clipped_sum(params, x, y, *, clip, activation, loss):
     return lax.scan(add_clipped, zeros, (x, y))
 
 
-_autodiff_single = jax.grad(_per_sample_loss_and_output, has_aux=True)
+def _autodiff_single(params, x_n, y_n, *, activation, loss, rule, feedback):
+    # jax.vmap(jax.grad(ℓ)) knows the true gradient only: check_method refused other rules.
+    check_feedback(params, feedback, rule)
+    grad = jax.grad(_per_sample_loss_and_output, has_aux=True)
+    return grad(params, x_n, y_n, activation=activation, loss=loss)
+
 
 _CLIPPED_SUM_ROUTES: dict[str, Callable] = {
     "manual": clipped_grad,
@@ -289,11 +318,15 @@ def per_example_clipped_sum(
     clip: float | Array,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+    feedback: Feedback | None = None,
 ) -> tuple[Params, Array]:
     """``(grads_sum, outputs)``: the clipped **sum** Σ_m c_m g_m by ``method``'s route."""
-    check_method(method)
+    check_method(method, rule)
+    feedback = check_feedback(params, feedback, rule)  # before any route's vmap or scan
     route = _CLIPPED_SUM_ROUTES.get(method, _DEFAULT_ROUTE)
-    return route(params, x, y, clip=clip, activation=activation, loss=loss)
+    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+    return route(params, x, y, clip=clip, **kw)
 
 
 def private_grad_fn(
@@ -303,27 +336,31 @@ def private_grad_fn(
     noise_multiplier: float | Array = 0.0,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
 ) -> PrivateGradFn:
     """DP-SGD gradient function for the training loop, eq. (P).
 
-    Returns ``fn(params, x, y, key) -> (grads, outputs)`` with ``grads`` the
+    Returns ``fn(params, x, y, key, feedback=()) -> (grads, outputs)`` with ``grads`` the
     noised **mean** (clipped sum + N(0, (σC)²)) / M in the params pytree and
     ``outputs`` Z^L ``(M, N_L)`` for the metrics, like ``methods.grad_fn``. A pure
     function of arrays, ready for ``jax.jit``; pass a fresh ``key`` every step.
     ``"manual"`` uses ghost clipping; all other methods clip per-example
     gradients (see the module docstring); all give the same result for the same key.
+    ``rule`` (not for the autodiff methods) clips and noises the rule's per-example
+    updates instead; ``feedback`` holds its matrices.
     """
-    check_method(method)
+    check_method(method, rule)
     for name, value in (("clip", clip), ("noise_multiplier", noise_multiplier)):
         if isinstance(value, int | float) and not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
 
-    def fn(params: Params, x: Array, y: Array, key: Array | None) -> tuple[Params, Array]:
+    def fn(
+        params: Params, x: Array, y: Array, key: Array | None, feedback: Feedback = ()
+    ) -> tuple[Params, Array]:
         if key is None and not _is_static_zero(noise_multiplier):
             raise ValueError("private_grad needs a PRNG key when noise_multiplier is not 0")
-        grads_sum, Z_L = per_example_clipped_sum(
-            method, params, x, y, clip=clip, activation=activation, loss=loss
-        )
+        kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+        grads_sum, Z_L = per_example_clipped_sum(method, params, x, y, clip=clip, **kw)
         grads = _noise_and_average(
             grads_sum, key, clip=clip, noise_multiplier=noise_multiplier, batch_size=x.shape[0]
         )

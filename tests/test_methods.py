@@ -130,3 +130,75 @@ def test_wrong_shapes_raise_value_error(method):
         with pytest.raises(ValueError):
             jax.eval_shape(fn, params, x, y)
             pytest.fail(f"{method}: {case} was accepted")
+
+
+# ------------------------------------------------------------------------ feedback rules
+
+RULES = tuple(r for r in bpjax.FEEDBACK_RULES if r != "bp")
+
+
+def make_feedback(rule, seed=1):
+    """NumPy float64 feedback matrices of ``rule`` for ``SIZES``."""
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1.0, 1.0, shape) for shape in bpjax.feedback.feedback_shapes(SIZES, rule)]
+
+
+def test_rule_methods_under_jit_give_the_rules_manual_grad_and_predict():
+    activation, loss = "tanh", "softmax_cross_entropy"
+    kw = dict(activation=activation, loss=loss)
+
+    def all_rules(params, x, y, feedbacks):
+        out = {}
+        for rule in RULES:
+            fb = feedbacks[rule]
+            expected = bpjax.manual_grad(params, x, y, rule=rule, feedback=fb, **kw)
+            got = {
+                m: methods.grad_fn(m, rule=rule, **kw)(params, x, y, fb)
+                for m in methods.RULE_METHODS
+            }
+            out[rule] = expected, got
+        return out, bpjax.predict(params, x, activation=activation), jax.grad(bpjax.loss_fn)(
+            params, x, y, **kw
+        )
+
+    with jax.enable_x64(True):
+        params, x, y = jax.tree.map(jnp.asarray, make_problem(loss))
+        feedbacks = {r: jax.tree.map(jnp.asarray, make_feedback(r)) for r in RULES}
+        result = jax.jit(all_rules, compiler_options=FAST_COMPILE)(params, x, y, feedbacks)
+        results, logits, true = jax.tree.map(np.asarray, result)
+    for rule, (expected, got) in results.items():
+        for method, (grads, outputs) in got.items():
+            try:
+                chex.assert_trees_all_close(grads, expected, rtol=RTOL64, atol=ATOL64)
+                np.testing.assert_allclose(outputs, logits, rtol=1e-12, atol=1e-14)
+            except AssertionError as e:
+                raise AssertionError(f"rule {rule!r}, method {method!r}: {e}") from None
+        # Negative control: the rule's update is not the gradient (hidden layers differ).
+        with pytest.raises(AssertionError):
+            chex.assert_trees_all_close(expected, true, rtol=RTOL64, atol=ATOL64)
+
+
+def test_autodiff_methods_refuse_other_rules_in_one_line():
+    for method in ("autodiff", "autodiff_vmap"):
+        for rule in RULES:
+            with pytest.raises(ValueError) as excinfo:
+                methods.grad_fn(method, rule=rule)
+            message = str(excinfo.value)
+            assert message == (
+                f"method {method!r} cannot use rule {rule!r}: jax.grad computes the true "
+                "gradient; rules other than bp need --method=manual, manual_vmap or per_sample"
+            )
+        methods.grad_fn(method, rule="bp")  # bp is jax.grad's own rule
+    with pytest.raises(ValueError, match="unknown feedback rule 'hebb'"):
+        methods.grad_fn("manual", rule="hebb")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_missing_or_stray_feedback_raises_value_error(method):
+    params, x, y = float32_problem("squared_error")
+    if method in methods.RULE_METHODS:
+        with pytest.raises(ValueError, match="rule 'fa' needs feedback"):
+            jax.eval_shape(methods.grad_fn(method, rule="fa"), params, x, y)
+    stray = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(1, 4), (5, 1), (4, 5)]]
+    with pytest.raises(ValueError, match="rule 'bp' needs feedback of no matrices"):
+        jax.eval_shape(methods.grad_fn(method), params, x, y, stray)

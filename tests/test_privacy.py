@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from bpjax import privacy
+from bpjax.feedback import feedback_shapes
 from bpjax.formulas import manual_grad
 from bpjax.methods import METHODS
 from bpjax.network import loss_fn, predict
@@ -235,3 +236,69 @@ def test_bad_arguments_raise_one_line_errors():
     params, x, y = _problem((3, 4, 2), "squared_error", dtype=jnp.float32)
     with pytest.raises(ValueError, match="needs a PRNG key"):
         privacy.private_grad(params, x, y, None, clip=1.0, noise_multiplier=1.0)
+
+
+# ------------------------------------------------------------------------ feedback rules
+RULE_CASES = [
+    ("fa", (5, 7, 6, 3), "tanh", "softmax_cross_entropy"),
+    ("kp", (4, 6, 3), "relu", "squared_error"),
+    ("dfa", (6, 4, 8, 5, 2), "sigmoid", "softmax_cross_entropy"),
+    ("sign", (5, 7, 6, 3), "relu", "softmax_cross_entropy"),
+]
+
+
+def _feedback(sizes, rule, seed=1):
+    rng = np.random.default_rng(seed)
+    shapes = feedback_shapes(sizes, rule)
+    return [jnp.asarray(rng.uniform(-0.5, 0.5, shape), jnp.float64) for shape in shapes]
+
+
+@pytest.mark.parametrize("rule,sizes,activation,loss", RULE_CASES)
+def test_rule_ghost_norms_and_clipping_equal_vmapped_per_example_rule_updates(
+    rule, sizes, activation, loss
+):
+    # Under a rule, sample m's update is dZ^l_m (A^{l-1}_m)^T with the rule's own rows:
+    # ghost norms and ghost clipping against the rule's explicit per-example updates
+    # (the single-sample formulas under jax.vmap), clipped as optax does.
+    kw = dict(activation=activation, loss=loss, rule=rule)
+
+    @jax.jit
+    def everything(params, x, y, feedback, key):
+        one = lambda xm, ym: manual_grad(params, xm, ym, feedback=feedback, **kw)  # noqa: E731
+        updates_M = jax.vmap(one)(x, y)
+        norms_M = jax.vmap(optax.tree.norm)(updates_M)
+        clip = jnp.median(norms_M)  # clips about half of the samples
+        ghost = privacy.per_example_grad_norms(params, x, y, feedback=feedback, **kw)
+        bp = privacy.per_example_grad_norms(params, x, y, activation=activation, loss=loss)
+        expected = jax.tree.map(lambda g: g / x.shape[0], _optax_clipped_sum(updates_M, clip))
+        dp = {
+            m: privacy.private_grad_fn(m, clip=clip, noise_multiplier=0.0, **kw)(
+                params, x, y, key, feedback
+            )[0]
+            for m in ("manual", "manual_vmap", "per_sample")
+        }
+        return norms_M, ghost, bp, clip, expected, dp
+
+    with jax.enable_x64(True):
+        params, x, y = _problem(sizes, loss)
+        feedback = _feedback(sizes, rule)
+        norms_M, ghost, bp, clip, expected, dp = everything(params, x, y, feedback, None)
+        assert 0 < int(jnp.sum(norms_M > clip)) < x.shape[0]
+        chex.assert_trees_all_close(ghost, norms_M, rtol=RTOL, atol=ATOL)
+        for method, grads in dp.items():
+            chex.assert_trees_all_close(
+                grads, expected, rtol=RTOL, atol=ATOL, custom_message=f"{rule}, {method}"
+            )
+        # Negative control: the rule's norms are not the true gradients' norms.
+        with pytest.raises(AssertionError):
+            chex.assert_trees_all_close(bp, norms_M, rtol=RTOL, atol=ATOL)
+
+
+def test_autodiff_routes_refuse_a_rule_and_a_rule_needs_its_feedback():
+    for method in ("autodiff", "autodiff_vmap"):
+        with pytest.raises(ValueError, match="rules other than bp need --method=manual") as e:
+            privacy.private_grad_fn(method, clip=1.0, rule="fa")
+        assert "\n" not in str(e.value)
+    params, x, y = _problem((3, 4, 2), "squared_error", dtype=jnp.float32)
+    with pytest.raises(ValueError, match="rule 'dfa' needs feedback"):
+        privacy.private_grad_fn("manual", clip=1.0, rule="dfa")(params, x, y, None)
