@@ -23,6 +23,7 @@ from bpjax.methods import METHODS, grad_fn
 from bpjax.network import forward, init_params, layer_sizes, loss_fn, predict
 from bpjax.privacy import clipped_grad, per_example_grad_norms, private_grad, private_grad_fn
 from bpjax.rundir import read_metrics
+from bpjax.runs import Run, load_run, runs_figure
 from bpjax.train import TrainResult, evaluate, train
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Dataset",
+    "Run",
     "RunError",
     "TrainResult",
     "TrainingError",
@@ -51,6 +53,7 @@ __all__ = [
     "kp_feedback_grads",
     "layer_sizes",
     "load_dataset",
+    "load_run",
     "loss_fn",
     "make_regression",
     "manual_grad",
@@ -60,5 +63,6 @@ __all__ = [
     "private_grad",
     "private_grad_fn",
     "read_metrics",
+    "runs_figure",
     "train",
 ]

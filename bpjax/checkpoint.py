@@ -1,8 +1,12 @@
-"""Checkpoints behind one pair of functions: save, and restore the latest.
+"""Checkpoints behind one pair of functions: save, and restore the newest intact one.
 
 Orbax writes each checkpoint into a temporary directory and renames it into
 place only once complete, so a crash never leaves a half-written checkpoint that
-``restore_latest`` would pick up. With several processes, all of them take part
+``restore_latest`` would pick up. A checkpoint damaged later (a truncated or
+lost file) is detected when it is read: ``restore_latest`` names it in a
+warning, moves it aside (``<workdir>/damaged/``, kept for inspection; a new
+checkpoint of that epoch can then be written) and falls back to the one
+before. With several processes, all of them take part
 in a save (Orbax synchronises them), but only process 0 writes: the training
 state is replicated, and Orbax's default of spreading a replicated array's
 bytes over the processes that hold a replica ("replica-parallel" saving) is
@@ -15,7 +19,10 @@ deep inside Orbax.
 
 from __future__ import annotations
 
+import datetime
 import os
+import shutil
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bpjax.errors import CheckpointError
@@ -26,7 +33,9 @@ if TYPE_CHECKING:
 # Orbax is imported inside the functions: importing it defines absl flags, and
 # importing bpjax must define none (notebooks re-run cells; see tests).
 
-__all__ = ["CheckpointError", "checkpoint_manager", "restore_latest", "save_checkpoint"]
+__all__ = [
+    "CheckpointError", "checkpoint_manager", "restore_epoch", "restore_latest", "save_checkpoint"
+]
 
 
 def checkpoint_manager(workdir: str, *, keep: int = 2) -> ocp.CheckpointManager:
@@ -64,20 +73,51 @@ def save_checkpoint(
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, target: Any, meta: dict[str, Any]
+    manager: ocp.CheckpointManager,
+    target: Any,
+    meta: dict[str, Any],
+    warn: Callable[[str], None] = lambda line: None,
 ) -> tuple[Any, int] | None:
-    """Restores the newest checkpoint into the structure of ``target``.
+    """Restores the newest intact checkpoint into the structure of ``target``.
 
-    Returns ``(state, epoch)``, or ``None`` when there is no checkpoint. Raises
-    :class:`CheckpointError` when the checkpoint's ``meta`` (architecture,
-    dtype, optimizer) differs from this run's.
+    Returns ``(state, epoch)``, or ``None`` when there is no checkpoint. A
+    checkpoint that cannot be read is reported through ``warn`` (one line),
+    moved aside, and the one before it is tried. Raises
+    :class:`CheckpointError` when the checkpoints are made for another run
+    (architecture, dtype, optimizer: ``meta`` differs) or none is intact.
+    """
+    manager.wait_until_finished()
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    for epoch in steps:
+        try:
+            return restore_epoch(manager, epoch, target, meta), epoch
+        except CheckpointError:
+            raise
+        except Exception as e:  # Orbax/TensorStore raise many types for damaged files
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            aside = _move_aside(manager, epoch)
+            warn(f"warning: checkpoint {manager.directory}/{epoch} cannot be read"
+                 f" ({type(e).__name__}: {first}); moved to {aside}, using the one before it")
+    manager.reload()
+    raise CheckpointError(
+        f"no intact checkpoint in {manager.directory} (every one of epochs"
+        f" {', '.join(map(str, sorted(steps)))} was damaged, now in"
+        f" {os.path.dirname(_aside_dir(manager))}): start the run again in a new --workdir"
+    )
+
+
+def restore_epoch(
+    manager: ocp.CheckpointManager, epoch: int, target: Any, meta: dict[str, Any]
+) -> Any:
+    """Checkpoint ``epoch`` restored into the structure of ``target``.
+
+    Raises CheckpointError if it was made for another run (``meta`` differs); a
+    damaged checkpoint raises whatever Orbax raises.
     """
     import orbax.checkpoint as ocp
 
-    manager.wait_until_finished()
-    epoch = manager.latest_step()
-    if epoch is None:
-        return None
     saved = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     diffs = [
         f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in meta.items() if saved.get(k) != v
@@ -92,4 +132,24 @@ def restore_latest(
         epoch,
         args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=restore_args)),
     )
-    return restored["state"], epoch
+    return restored["state"]
+
+
+def _aside_dir(manager: ocp.CheckpointManager) -> str:
+    return os.path.join(os.path.dirname(str(manager.directory)), "damaged", "")
+
+
+def _move_aside(manager: ocp.CheckpointManager, epoch: int) -> str:
+    """Moves checkpoint ``epoch`` to ``<workdir>/damaged/<epoch>-<time>``; returns the path.
+
+    Only process 0 moves files (the others see the same damage and skip it too).
+    """
+    import jax
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = os.path.join(_aside_dir(manager), f"{epoch}-{stamp}")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(os.path.join(str(manager.directory), str(epoch)), dest)
+        manager.reload()
+    return dest

@@ -23,7 +23,9 @@ exit status 2, never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -106,17 +108,23 @@ def from_flags(
     *,
     exclude: Iterable[str] = (),
     flag_values: flags.FlagValues = flags.FLAGS,
+    defaults: T | None = None,
     **overrides: Any,
 ) -> T:
     """Builds ``cls`` from the parsed flags its fields define (``overrides`` win).
 
-    Raises the dataclass's own validation errors (``ConfigError``), so a bad
-    value gets the same one-line message as in a notebook.
+    With ``defaults`` (an instance of ``cls``, e.g. a recorded run's settings),
+    only the flags given on the command line replace its values. Raises the
+    dataclass's own validation errors (``ConfigError``), so a bad value gets
+    the same one-line message as in a notebook.
     """
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         if field.name in exclude or field.name in overrides:
+            continue
+        if defaults is not None and not flag_values[field.name].present:
+            values[field.name] = getattr(defaults, field.name)
             continue
         value = flag_values[field.name].value
         base, _ = _field_type(hints[field.name])
@@ -131,14 +139,18 @@ def given_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> set[s
     return {f.name for f in dataclasses.fields(cls) if flag_values[f.name].present}
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """``absl.app.run(main)`` with JAX's flags and one-line errors (see the module docstring)."""
+def run(main: Callable[[list[str]], None], *, positional: bool = False) -> None:
+    """``absl.app.run(main)`` with JAX's flags and one-line errors (see the module docstring).
+
+    ``positional``: ``main`` takes arguments besides flags (else they are refused).
+    """
     import jax
 
     jax.config.config_with_absl()
+    sys.unraisablehook = _drop_checkpoint_noise
 
     def guarded(argv: list[str]) -> None:
-        if len(argv) > 1:
+        if len(argv) > 1 and not positional:
             sys.exit(f"error: unexpected arguments {argv[1:]}: flags take the form --name=value")
         try:
             main(argv)
@@ -147,6 +159,26 @@ def run(main: Callable[[list[str]], None]) -> None:
             sys.exit(2)
 
     app.run(guarded, flags_parser=_parse_flags)
+
+
+def _drop_checkpoint_noise(unraisable: sys.UnraisableHookArgs) -> None:
+    """Python's default unraisable hook, minus the leftovers of a failed checkpoint I/O.
+
+    When a checkpoint write fails (a full disk) or a read fails (a damaged file),
+    Orbax stops at the first error while its other TensorStore operations are in
+    flight: their coroutines are abandoned mid-raise and their completion
+    callbacks hit a closed asyncio loop ("Event loop is closed"). Python can only
+    print those as unraisable tracebacks. bpjax has already reported the failure
+    in one line, or recovered from it, so they are dropped; any other unraisable
+    exception is printed as usual.
+    """
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    from_orbax = any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+    closed_loop = unraisable.exc_type is RuntimeError and "Event loop is closed" in str(
+        unraisable.exc_value
+    )
+    if not (from_orbax or closed_loop):
+        sys.__unraisablehook__(unraisable)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

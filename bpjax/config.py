@@ -15,7 +15,9 @@ that are settings and nothing else (optimizers, dtypes, platforms).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any
 
 from bpjax.activations import ACTIVATIONS
@@ -31,9 +33,23 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 PARALLEL = ("sharding", "shard_map")
 
 
-def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with its flag help and allowed values (read by ``bpjax.cli``)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+SEED_LIMIT = 2**32  # jax.random.key takes a 32-bit seed without x64: 2**32 would be 0 again
+# Keys of a run's config.json that are not settings: what the run derived or recorded.
+DERIVED_KEYS = ("sizes", "workdir", "resume", "provenance")
+
+
+def setting(
+    default: Any, help: str, *, choices: tuple[str, ...] | None = None, resumable: bool = False
+) -> Any:
+    """A dataclass field with its flag help and allowed values (read by ``bpjax.cli``).
+
+    ``resumable``: a resumed run may change it, because it does not alter the
+    computation (how long the run goes, how often it saves, where its files
+    live, which devices run it).
+    """
+    return dataclasses.field(
+        default=default, metadata={"help": help, "choices": choices, "resumable": resumable}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +63,7 @@ class Config:
 
     method: str = setting("manual", "How the gradient is computed.", choices=METHODS)
     batch: int = setting(128, "Mini-batch size M.")
-    epochs: int = setting(40, "Passes over the training set.")
+    epochs: int = setting(40, "Passes over the training set.", resumable=True)
     lr: float = setting(0.1, "Learning rate.")
     optimizer: str = setting("sgd", "The update rule.", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "Momentum for --optimizer=momentum.")
@@ -56,34 +72,46 @@ class Config:
     loss: str = setting("softmax_cross_entropy", "Loss on the output.", choices=tuple(LOSSES))
     dataset: str = setting("mnist", "Training data.", choices=DATASETS)
     data_dir: str | None = setting(
-        None, "Directory holding the four IDX files (plain or .gz); default: cache or fetch."
+        None, "Directory holding the four IDX files (plain or .gz); default: cache or fetch.",
+        resumable=True,
     )
-    workdir: str | None = setting(None, "Run directory (default: a new one under runs/).")
+    workdir: str | None = setting(
+        None, "Run directory (default: a new one under runs/).", resumable=True
+    )
     seed: int = setting(0, "Seed of the initial parameters, the shuffles, synthetic data.")
     dtype: str = setting("float32", "Parameter and data dtype.", choices=DTYPES)
     platform: str | None = setting(
-        None, "Device kind to train on (default: what JAX picks).", choices=PLATFORMS
+        None, "Device kind to train on (default: what JAX picks).", choices=PLATFORMS,
+        resumable=True,
     )
-    resume: bool = setting(False, "Continue the run in --workdir from its latest checkpoint.")
+    resume: bool = setting(
+        False, "Continue the run in --workdir with its recorded settings (start it if new).",
+        resumable=True,
+    )
     train_examples: int | None = setting(None, "Use only the first N training examples.")
-    checkpoint_every: int = setting(1, "Checkpoint every N epochs (and after the last).")
-    keep_checkpoints: int = setting(2, "Checkpoints kept on disk.")
+    checkpoint_every: int = setting(
+        1, "Checkpoint every N epochs (and after the last).", resumable=True
+    )
+    keep_checkpoints: int = setting(2, "Checkpoints kept on disk.", resumable=True)
+    divergence_factor: float = setting(
+        100.0, "Stop when the train or test loss exceeds this many times the loss at the"
+        " start (0: never).", resumable=True,
+    )
     dp_clip: float | None = setting(None, "DP-SGD: clip each example's gradient to this norm.")
     dp_noise: float = setting(0.0, "DP-SGD: Gaussian noise multiplier σ (std σ·dp_clip).")
     # Data parallelism (``bpjax.parallel``): the batch is split over ``num_devices``
     # devices; ``parallel`` picks the form: sharding annotations or explicit shard_map.
     num_devices: int = setting(
-        1, "Split every batch over this many devices (0: all devices of all processes)."
+        1, "Split every batch over this many devices (0: all devices of all processes).",
+        resumable=True,
     )
-    parallel: str = setting("sharding", "Data-parallel form.", choices=PARALLEL)
-    # Several processes (hosts) training one model; launch.py passes these to
-    # jax.distributed.initialize. Without coordinator_address, JAX detects the
-    # cluster (TPU pod slice, SLURM, Open MPI).
-    coordinator_address: str | None = setting(
-        None, "HOST:PORT of process 0 for --num_processes > 1 (default: detected)."
+    parallel: str = setting(
+        "sharding", "Data-parallel form.", choices=PARALLEL, resumable=True
     )
-    num_processes: int = setting(1, "Processes (hosts) training together.")
-    process_id: int = setting(0, "This process's index in [0, num_processes).")
+    # Several processes (hosts) training one model. How each process joins
+    # (coordinator address, process id) is the launcher's business, not a setting
+    # of the run: see bpjax.parallel.Cluster.
+    num_processes: int = setting(1, "Processes (hosts) training together.", resumable=True)
 
     def __post_init__(self) -> None:
         # Lists from a notebook become tuples, so the config stays hashable.
@@ -98,7 +126,7 @@ class Config:
         self._check_sizes()
         self._check_numbers()
         self._check_devices()
-        self._check_processes()
+        self._check_together()
         if self.resume and not self.workdir:
             raise ConfigError("--resume needs --workdir: the directory of the run to continue")
 
@@ -128,6 +156,15 @@ class Config:
             )
 
     def _check_numbers(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+            0 <= self.seed < SEED_LIMIT
+        ):
+            raise ConfigError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not math.isfinite(self.divergence_factor) or self.divergence_factor < 0:
+            raise ConfigError(
+                f"--divergence_factor must be a finite number >= 0 (0: never stop), got "
+                f"{self.divergence_factor!r}"
+            )
         check_positive_float("lr", self.lr)
         if not math.isfinite(self.momentum) or not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum!r}")
@@ -154,43 +191,89 @@ class Config:
                 " batch, not per device): use --parallel=sharding with --dp_clip"
             )
 
-    def _check_processes(self) -> None:
-        if isinstance(self.process_id, bool) or not isinstance(self.process_id, int) or not (
-            0 <= self.process_id < self.num_processes
-        ):
+    def _check_together(self) -> None:
+        """Settings that are valid alone but cannot work together."""
+        if self.dataset == "regression" and self.loss == "softmax_cross_entropy":
             raise ConfigError(
-                f"--process_id must be in [0, --num_processes={self.num_processes}), got "
-                f"{self.process_id!r}"
+                "--dataset=regression has real-valued targets, which softmax cross-entropy"
+                " cannot fit: use --loss=squared_error"
             )
-        if self.num_processes == 1:
-            if self.coordinator_address is not None:
+        if self.num_processes > 1:
+            if self.num_devices % self.num_processes:
                 raise ConfigError(
-                    "--coordinator_address needs --num_processes > 1: the number of processes"
-                    " that train together"
+                    f"--num_devices={self.num_devices} does not split over --num_processes="
+                    f"{self.num_processes}: every process gives the same number of devices (or"
+                    " use --num_devices=0 for all of them)"
                 )
-            return
-        if self.coordinator_address is None and self.process_id:
-            raise ConfigError(
-                "--process_id needs --coordinator_address (without it, JAX takes the process"
-                " ids from the cluster environment)"
-            )
-        if self.num_devices % self.num_processes:
-            raise ConfigError(
-                f"--num_devices={self.num_devices} does not split over --num_processes="
-                f"{self.num_processes}: every process gives the same number of devices (or use"
-                " --num_devices=0 for all of them)"
-            )
-        if not self.workdir:
-            raise ConfigError(
-                f"--num_processes={self.num_processes} needs --workdir: one directory all"
-                " processes can reach (a shared filesystem across hosts)"
-            )
+            if not self.workdir:
+                raise ConfigError(
+                    f"--num_processes={self.num_processes} needs --workdir: one directory all"
+                    " processes can reach (a shared filesystem across hosts)"
+                )
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The settings as JSON (``from_json`` reads it back to an equal config)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, source: str | dict[str, Any]) -> Config:
+        """A config from JSON text, a parsed dict, or a run's ``config.json`` (file or workdir).
+
+        The keys a run records beside its settings (``DERIVED_KEYS``: sizes,
+        workdir, resume, provenance) are ignored; any other unknown key is an
+        error, so a misspelt setting cannot be silently dropped.
+        """
+        record = _read_record(source) if isinstance(source, str) else dict(source)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - fields - set(DERIVED_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown settings {', '.join(unknown)} in {_where(source)}: not fields of"
+                " bpjax.Config (written by another version of bpjax?)"
+            )
+        return cls(**{k: v for k, v in record.items() if k in fields})
+
+    def differences(self, other: Config, *, resumable: bool = False) -> dict[str, tuple]:
+        """``{field: (self's value, other's value)}`` where they differ.
+
+        With ``resumable=False`` only the fields a resume may not change count.
+        """
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)
+            if (resumable or not f.metadata.get("resumable"))
+            and getattr(self, f.name) != getattr(other, f.name)
+        }
+
+
+def _where(source: object) -> str:
+    return source if isinstance(source, str) and not source.lstrip().startswith("{") else "JSON"
+
+
+def _read_record(source: str) -> dict[str, Any]:
+    """JSON text, or the path of a config.json or of the run directory holding one."""
+    if source.lstrip().startswith("{"):
+        text = source
+    else:
+        path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read the config {path}: {e.strerror or e}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{_where(source)} is not valid JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{_where(source)} must hold a JSON object of settings")
+    return record
 
 
 # ----------------------------------------------------------- shared validators

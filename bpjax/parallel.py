@@ -118,6 +118,7 @@ class Placement:
         One-line ConfigError when the devices are too few, the batch does not
         divide over them, or the processes are not those the config names.
         """
+        backend_devices()  # a backend JAX cannot start: one line, here
         check_processes(config.num_processes)
         if config.num_devices == 1 and config.num_processes == 1:
             return cls(select_devices(config.platform, 1)[0])
@@ -246,6 +247,33 @@ def sharded_grad(
     )
 
 
+# What to install for each platform (JAX's own extras).
+INSTALL_HINT = {
+    "cpu": "pip install jax",
+    "gpu": "for NVIDIA GPUs pip install 'jax[cuda13]' (CUDA 13) or 'jax[cuda12]' (CUDA 12)",
+    "tpu": "on a TPU VM pip install 'jax[tpu]'",
+}
+
+
+def backend_devices() -> list[jax.Device]:
+    """``jax.devices()``, or a one-line ConfigError when JAX cannot start its backend.
+
+    A ``--jax_platforms`` (``JAX_PLATFORMS``) naming a backend whose plugin is
+    missing makes JAX raise a bare AssertionError or a long RuntimeError.
+    """
+    try:
+        return jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        asked = jax.config.jax_platforms or "the default backend"
+        gpu = any(p in asked for p in ("cuda", "rocm", "gpu"))
+        hint = INSTALL_HINT["gpu" if gpu else "tpu" if "tpu" in asked else "cpu"]
+        first = (str(e).strip().splitlines() or ["its plugin is not installed"])[0][:160]
+        raise ConfigError(
+            f"--jax_platforms={asked}: JAX cannot start that backend ({first}); {hint}, or"
+            " drop --jax_platforms to let JAX pick what it finds"
+        ) from None
+
+
 def select_devices(
     platform: str | None, num_devices: int, num_processes: int = 1
 ) -> list[jax.Device]:
@@ -255,13 +283,13 @@ def select_devices(
     num_processes`` of its own devices (the first ones), so that each holds an
     equal part of every batch.
     """
+    found = sorted({d.platform for d in backend_devices()})
     try:
         devices = jax.devices(platform) if platform else jax.devices()
     except RuntimeError:
-        found = sorted({d.platform for d in jax.devices()})
         raise ConfigError(
             f"--platform={platform}: JAX finds no {platform} device (it has: {', '.join(found)});"
-            f" install the matching jax extra, e.g. pip install 'jax[cuda12]'"
+            f" {INSTALL_HINT[platform]}"
         ) from None
     n = num_devices or len(devices)
     if n > len(devices):
@@ -291,30 +319,69 @@ def select_devices(
     return chosen
 
 
-def initialize_distributed(
-    coordinator_address: str | None, num_processes: int, process_id: int
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """How this process joins a multi-process run: launcher arguments, not run settings.
+
+    They name this host and this process, so they are not recorded with the
+    run: the same run can be resumed from other hosts or another process layout.
+    Without ``coordinator_address`` JAX detects the cluster (TPU pod slices,
+    SLURM, Open MPI).
+    """
+
+    coordinator_address: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "HOST:PORT of process 0, for --num_processes > 1 (default: detected)."},
+    )
+    process_id: int = dataclasses.field(
+        default=0, metadata={"help": "This process's index in [0, num_processes)."}
+    )
+
+    def check(self, num_processes: int) -> None:
+        """One-line ConfigError when these arguments do not fit ``num_processes``."""
+        if isinstance(self.process_id, bool) or not isinstance(self.process_id, int) or not (
+            0 <= self.process_id < num_processes
+        ):
+            raise ConfigError(
+                f"--process_id must be in [0, --num_processes={num_processes}), got "
+                f"{self.process_id!r}"
+            )
+        if num_processes == 1 and self.coordinator_address is not None:
+            raise ConfigError(
+                "--coordinator_address needs --num_processes > 1: the number of processes"
+                " that train together"
+            )
+        if num_processes > 1 and self.coordinator_address is None and self.process_id:
+            raise ConfigError(
+                "--process_id needs --coordinator_address (without it, JAX takes the process"
+                " ids from the cluster environment)"
+            )
+
+
+def initialize_distributed(cluster: Cluster, num_processes: int) -> None:
     """``jax.distributed.initialize`` for a multi-process run; call before any other JAX use.
 
-    With ``coordinator_address`` the cluster is given explicitly (any machines,
-    localhost included); without it, JAX detects the coordinator and this
-    process's id from the environment (TPU pod slices, SLURM, Open MPI). On CPU
-    the cross-process collectives use gloo.
+    With ``cluster.coordinator_address`` the cluster is given explicitly (any
+    machines, localhost included); without it, JAX detects the coordinator and
+    this process's id from the environment (TPU pod slices, SLURM, Open MPI).
+    On CPU the cross-process collectives use gloo.
     """
+    cluster.check(num_processes)
     if num_processes <= 1 or jax.distributed.is_initialized():
         return
     if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    address, process_id = cluster.coordinator_address, cluster.process_id
     try:
-        if coordinator_address is None:
+        if address is None:
             jax.distributed.initialize(num_processes=num_processes)
         else:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+            jax.distributed.initialize(address, num_processes, process_id)
     except (RuntimeError, ValueError) as e:  # jax's errors are long; keep their first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"process {process_id} could not join the {num_processes}-process run at "
-            f"{coordinator_address or 'the detected coordinator'}: {first}"
+            f"{address or 'the detected coordinator'}: {first}"
         ) from None
 
 

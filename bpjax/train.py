@@ -34,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -81,6 +83,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     workdir: str
     traces: int  # traces of the epoch function in this run: 1 means it never recompiled
+    interrupted: bool = False  # stopped early on request; the last epoch run is checkpointed
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
@@ -122,23 +125,29 @@ def make_grad(
     return lambda params, x, y, key: grad(params, x, y)
 
 
-def batch_metrics(outputs: Array, y: Array, loss: str) -> dict[str, Array]:
-    """Summed loss and correct count of one batch (sums, so epochs average exactly)."""
+def batch_metrics(outputs: Array, y: Array, loss: str, classify: bool = True) -> dict[str, Array]:
+    """Summed loss and correct count of one batch (sums, so epochs average exactly).
+
+    ``classify``: the targets are one-hot classes, whatever the loss (MNIST
+    under squared error has an accuracy too); regression targets have none.
+    """
     metrics = {"loss_sum": jnp.sum(get_loss(loss).per_sample(outputs, y))}
-    if loss == "softmax_cross_entropy":
+    if classify:
         hits = jnp.argmax(outputs, axis=-1) == jnp.argmax(y, axis=-1)
         metrics["correct"] = jnp.sum(hits.astype(jnp.int32))
     return metrics
 
 
 def train_step(
-    state: TrainState, x: Array, y: Array, key: Array, *, grad, optimizer, loss: str
+    state: TrainState, x: Array, y: Array, key: Array, *, grad, optimizer, loss: str,
+    classify: bool = True,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step on the batch ``x: (B, n_0)``, ``y: (B, n_L)``."""
     grads, outputs = grad(state.params, x, y, key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state, state.step + 1), batch_metrics(outputs, y, loss)
+    metrics = batch_metrics(outputs, y, loss, classify)
+    return TrainState(params, opt_state, state.step + 1), metrics
 
 
 def run_epoch(
@@ -169,9 +178,11 @@ def run_epoch(
     return lax.scan(body, state, jnp.arange(steps))
 
 
-def evaluate(params: Params, x: Array, y: Array, *, activation: str, loss: str) -> dict[str, Array]:
+def evaluate(
+    params: Params, x: Array, y: Array, *, activation: str, loss: str, classify: bool = True
+) -> dict[str, Array]:
     """Mean loss and accuracy (classification only) over ``x: (N, n_0)``."""
-    m = batch_metrics(predict(params, x, activation=activation), y, loss)
+    m = batch_metrics(predict(params, x, activation=activation), y, loss, classify)
     out = {"loss": m["loss_sum"] / x.shape[0]}
     if "correct" in m:
         out["accuracy"] = m["correct"] / x.shape[0]
@@ -191,6 +202,11 @@ def prepare_data(dataset: Dataset, config: Config, place: Placement) -> TrainDat
         raise ConfigError(
             f"--batch={config.batch} is larger than the training set ({n} examples of "
             f"{dataset.name}): lower --batch"
+        )
+    if dataset.num_classes is None and config.loss == "softmax_cross_entropy":
+        raise ConfigError(
+            f"{dataset.name} has real-valued targets, which softmax cross-entropy cannot fit:"
+            " use --loss=squared_error"
         )
 
     def targets(y: np.ndarray) -> np.ndarray:
@@ -228,9 +244,10 @@ def checkpoint_meta(config: Config, sizes: tuple[int, ...]) -> dict[str, Any]:
 class EpochProgram:
     """The epoch, jitted (state donated) and compiled ahead of time, with a trace count."""
 
-    def __init__(self, config: Config, place: Placement, state: TrainState, data: TrainData):
+    def __init__(self, config: Config, place: Placement, state: TrainState, data: TrainData,
+                 classify: bool):  # fmt: skip
         self.traces = 0
-        self.config, self.place = config, place
+        self.config, self.place, self.classify = config, place, classify
         self.data_key = run_keys(config)[1]
         t0 = time.perf_counter()
         key = jax.random.fold_in(self.data_key, 0)
@@ -243,7 +260,7 @@ class EpochProgram:
         config = self.config
         step_fn = functools.partial(
             train_step, grad=make_grad(config, self.place.mesh), optimizer=make_optimizer(config),
-            loss=config.loss,
+            loss=config.loss, classify=self.classify,
         )  # fmt: skip
         return run_epoch(state, x, y, key, step_fn=step_fn, batch=config.batch, place=self.place)
 
@@ -252,20 +269,44 @@ class EpochProgram:
         return self.compiled(state, data.x_train, data.y_train, key)
 
 
-def check_finite(steps: dict[str, np.ndarray], state: TrainState, epoch: int, run: RunDir,
-                 batch: int) -> None:  # fmt: skip
-    """Raises TrainingError naming the epoch, the step and the last good checkpoint."""
-    step_losses = steps["loss_sum"] / batch
-    if np.all(np.isfinite(step_losses)):
+def all_finite(params: Params) -> Array:
+    """One boolean: every parameter is finite (checked before a checkpoint is written)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+
+
+def check_health(config: Config, epoch: int, state: TrainState, steps: dict[str, np.ndarray],
+                 test: dict[str, Any], start_loss: float, run: RunDir) -> None:  # fmt: skip
+    """Stops a run that broke in ``epoch`` before its state is saved or called good.
+
+    Raises TrainingError when a step's loss is not finite; when the parameters
+    (or the test loss) are not, which a blow-up in the epoch's last update
+    leaves behind with every step's loss finite; or when the epoch's train or
+    test loss exceeds ``config.divergence_factor`` times ``start_loss``, the
+    test loss of the initial parameters (a run that diverges without ever
+    reaching inf: lr far too large).
+    """
+    losses = steps["loss_sum"] / config.batch
+    train_loss, test_loss = float(np.mean(losses)), float(test["loss"])
+    factor = config.divergence_factor
+    if not np.all(np.isfinite(losses)):
+        bad = int(np.argmax(~np.isfinite(losses)))
+        what = (f"the loss became {losses[bad]} at epoch {epoch}, step "
+                f"{int(state.step) - len(losses) + bad + 1} (step {bad + 1} of the epoch)")
+    elif not (test["finite"] and np.isfinite(test_loss)):
+        what = (f"the parameters stopped being finite at the end of epoch {epoch} (test loss"
+                f" {test_loss})")  # fmt: skip
+    elif factor and max(train_loss, test_loss) > factor * start_loss:
+        which, value = ("train", train_loss) if train_loss > test_loss else ("test", test_loss)
+        what = (f"the {which} loss grew to {value:.4g} at epoch {epoch}, more than {factor:g}x"
+                f" the loss at the start ({start_loss:.4g}; --divergence_factor={factor:g})")
+    else:
         return
-    bad = int(np.argmax(~np.isfinite(step_losses)))
     last = run.last_checkpoint()
+    run.event("stopped", epoch=epoch, reason=what)
     raise TrainingError(
-        f"the loss became {step_losses[bad]} at epoch {epoch}, step "
-        f"{int(state.step) - len(step_losses) + bad + 1} (step {bad + 1} of the epoch);"
-        " stopped. The last good checkpoint is "
+        f"{what}; stopped. The last good checkpoint is "
         + (f"epoch {last} in {run.manager.directory}" if last else "none (no epoch finished)")
-        + ". Lower --lr or check the data"
+        + f". Lower --lr (now {config.lr:g}) or check the data"
     )
 
 
@@ -307,7 +348,11 @@ def describe(config: Config, dataset: Dataset, data: TrainData, place: Placement
 
 
 def train(
-    config: Config, *, dataset: Dataset | None = None, log: Log | None = print
+    config: Config,
+    *,
+    dataset: Dataset | None = None,
+    log: Log | None = print,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Trains the network ``config`` describes; writes config, metrics, checkpoints.
 
@@ -315,45 +360,82 @@ def train(
       config: the run.
       dataset: already loaded data (notebooks, tests); else ``load_dataset``.
       log: receives one readable line per event (``print`` by default; None: silent).
+      stop: polled before every epoch; once it returns True the run ends after
+        the epoch under way, with that epoch checkpointed (``bpjax.interrupt``).
 
     Returns:
-      The final params, the per-epoch metrics and the workdir.
+      The final params, the per-epoch metrics and the workdir, on every normal
+      path, an early stop included (``interrupted``).
     """
     x64 = jax.enable_x64(True) if config.dtype == "float64" else contextlib.nullcontext()
-    with x64:
+    with x64, _out_of_memory_as_error(config):
         place = Placement.for_config(config)
         quiet = log is None or not place.is_main  # only process 0 logs
         with RunDir.open(config, log=(lambda _: None) if quiet else log,
                          is_main=place.is_main) as run:  # fmt: skip
-            return _train_epochs(config, dataset, place, run)
+            return _train_epochs(config, dataset, place, run, stop or (lambda: False))
 
 
-def _train_epochs(config: Config, dataset: Dataset | None, place: Placement,
-                  run: RunDir) -> TrainResult:  # fmt: skip
+def _train_epochs(config: Config, dataset: Dataset | None, place: Placement, run: RunDir,
+                  stop: Callable[[], bool]) -> TrainResult:  # fmt: skip
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
     data = prepare_data(dataset, config, place)
+    classify = dataset.num_classes is not None
     sizes = (data.x_train.shape[1], *config.hidden, data.y_train.shape[1])
     meta = checkpoint_meta(config, sizes)
-    state, start = run.resume(init_state(config, sizes, place), meta)
+    evaluate_fn = jax.jit(lambda params, x, y: {
+        **evaluate(params, x, y, activation=config.activation, loss=config.loss,
+                   classify=classify), "finite": all_finite(params)})  # fmt: skip
+    initial = init_state(config, sizes, place)
+    start_loss = float(evaluate_fn(initial.params, data.x_test, data.y_test)["loss"])
+    state, start = run.resume(initial, meta)
     state = place.put_restored(state) if start else state
     run.start(sizes)
     run.log(describe(config, dataset, data, place, run.workdir))
-    epoch_fn = EpochProgram(config, place, state, data)
+    epoch_fn = EpochProgram(config, place, state, data, classify)
     run.log(f"compiled the epoch in {epoch_fn.compile_s:.2f}s")
-    evaluate_fn = jax.jit(functools.partial(evaluate, activation=config.activation,
-                                            loss=config.loss))  # fmt: skip
-    t_loop = time.perf_counter()
-    for epoch in range(start + 1, config.epochs + 1):
+    if start >= config.epochs:
+        run.log(f"the run already finished its {start} epochs: pass --epochs=N to extend it")
+    t_loop, epoch = time.perf_counter(), start
+    while epoch < config.epochs and not stop():
+        epoch += 1
         t_epoch = time.perf_counter()
         new_state, steps = epoch_fn(state, data, epoch)
         steps = jax.device_get(steps)
         epoch_s = time.perf_counter() - t_epoch
-        check_finite(steps, new_state, epoch, run, config.batch)
+        test = jax.device_get(evaluate_fn(new_state.params, data.x_test, data.y_test))
+        check_health(config, epoch, new_state, steps, test, start_loss, run)
         state = new_state
-        test = jax.device_get(evaluate_fn(state.params, data.x_test, data.y_test))
         record = epoch_record(epoch, state, steps, config.batch, test, epoch_s, run.elapsed_s())
         run.end_epoch(state, record, meta)
-    if run.history:
+    interrupted = epoch < config.epochs
+    if interrupted and epoch > run.saved_epoch:
+        run.save(epoch, state, meta)  # the last completed epoch, checkpointed before leaving
+    run.event("interrupted" if interrupted else "finished", epoch=epoch)
+    if run.history and not interrupted:
         run.log(run.summary(time.perf_counter() - t_loop))
-    return TrainResult(jax.device_get(state.params), run.history, run.workdir, epoch_fn.traces)
+    params = jax.device_get(state.params)
+    return TrainResult(params, run.history, run.workdir, epoch_fn.traces, interrupted)
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_error(config: Config) -> Iterator[None]:
+    """An allocation that does not fit becomes one line: what, how much, what to lower."""
+    try:
+        yield
+    except (jax.errors.JaxRuntimeError, MemoryError) as e:
+        text = str(e)
+        if not isinstance(e, MemoryError) and not re.search(
+            r"RESOURCE_EXHAUSTED|out of memory", text, re.IGNORECASE
+        ):
+            raise
+        asked = re.search(r"allocat\w* (\d+) bytes", text)
+        size = f" {int(asked.group(1)) / 1e9:.3g} GB" if asked else ""
+        sizes = config.sizes
+        n_params = sum(a * b + b for a, b in itertools.pairwise(sizes))
+        raise TrainingError(
+            f"out of memory: an allocation of{size or ' memory'} did not fit (network"
+            f" {'-'.join(map(str, sizes))}: {n_params:,} parameters in {config.dtype}, batch"
+            f" {config.batch}); lower --hidden or --batch"
+        ) from None

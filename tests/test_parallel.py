@@ -241,15 +241,9 @@ def test_one_device_builds_no_mesh():
         (dict(parallel="pmap"), "--parallel='pmap' is not one of: sharding, shard_map"),
         (dict(num_devices=-1), "--num_devices must be a positive integer, or 0 for all"),
         (dict(num_processes=0), "--num_processes must be a positive integer"),
-        (dict(num_processes=2, process_id=2, coordinator_address="127.0.0.1:1234",
-              workdir="w", num_devices=0), "--process_id must be in [0, --num_processes=2)"),
-        (dict(coordinator_address="127.0.0.1:1234"), "--coordinator_address needs"),
-        (dict(num_processes=2, process_id=1, workdir="w", num_devices=0),
-         "--process_id needs --coordinator_address"),
-        (dict(num_processes=2, coordinator_address="h:1", workdir="w"),
+        (dict(num_processes=2, workdir="w"),
          "--num_devices=1 does not split over --num_processes=2"),
-        (dict(num_processes=2, coordinator_address="h:1", num_devices=0),
-         "--num_processes=2 needs --workdir"),
+        (dict(num_processes=2, num_devices=0), "--num_processes=2 needs --workdir"),
         (dict(parallel="shard_map", dp_clip=1.0), "--parallel=shard_map does not do DP-SGD"),
     ],
 )
@@ -257,6 +251,23 @@ def test_parallel_config_errors(fields, message):
     with pytest.raises(ConfigError) as e:
         Config(**fields)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "cluster, processes, message",
+    [
+        (dict(process_id=2, coordinator_address="127.0.0.1:1234"), 2,
+         "--process_id must be in [0, --num_processes=2)"),
+        (dict(coordinator_address="127.0.0.1:1234"), 1, "--coordinator_address needs"),
+        (dict(process_id=1), 2, "--process_id needs --coordinator_address"),
+    ],
+)
+def test_cluster_argument_errors(cluster, processes, message):
+    # How a process joins is the launcher's business, not a recorded setting of the run.
+    with pytest.raises(ConfigError) as e:
+        parallel.Cluster(**cluster).check(processes)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    parallel.Cluster(process_id=1, coordinator_address="h:1").check(2)  # a valid one passes
 
 
 def test_the_processes_must_be_connected():
@@ -268,5 +279,5 @@ def test_joining_too_late_is_a_one_line_error():
     jax.devices()  # the backend is up: too late for jax.distributed.initialize
     with pytest.raises(ConfigError, match=r"process 0 could not join the 2-process run at "
                                           r"127.0.0.1:9: jax.distributed.initialize\(\) must"):
-        parallel.initialize_distributed("127.0.0.1:9", 2, 0)
+        parallel.initialize_distributed(parallel.Cluster("127.0.0.1:9", 0), 2)
     assert not jax.distributed.is_initialized()

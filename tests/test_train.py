@@ -94,22 +94,52 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
         run(tmp_path, epochs=1)
 
 
-def test_checkpoint_of_another_architecture_is_refused(tmp_path):
-    run(tmp_path, epochs=1, hidden=(8,))
+def test_a_resume_with_other_settings_is_refused(tmp_path):
+    run(tmp_path, epochs=1, hidden=(8,), lr=0.3)
+    with pytest.raises(ConfigError, match=r"--lr: recorded 0.3, given 0.1; --hidden: recorded "
+                                          r"\(8,\), given \(9,\)\. Drop those flags"):
+        run(tmp_path, epochs=2, hidden=(9,), lr=0.1, resume=True)
+    # Without its config.json, the checkpoint itself still refuses another architecture.
+    (tmp_path / "run" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"sizes=\[12, 8, 3\].*\[12, 9, 3\]"):
-        run(tmp_path, epochs=2, hidden=(9,), resume=True)
+        run(tmp_path, epochs=2, hidden=(9,), lr=0.3, resume=True)
 
 
-def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path):
+def test_a_nan_loss_stops_the_run_naming_epoch_and_step(tmp_path):
+    with pytest.raises(TrainingError, match=r"the loss became nan at epoch 1, step \d+ .*last "
+                                            r"good checkpoint is none"):
+        run(tmp_path, epochs=3, lr=1e30)
+    assert not os.listdir(tmp_path / "run" / "checkpoints")
+
+
+def test_a_blow_up_in_the_last_update_of_an_epoch_is_never_saved(tmp_path):
+    # One step per epoch: every step's loss is computed before its update, so all are
+    # finite; the update makes the parameters inf. Nothing may be saved or called good.
+    with pytest.raises(TrainingError, match=r"parameters stopped being finite at the end of "
+                                            r"epoch 1 .*last good checkpoint is none"):
+        run(tmp_path, epochs=3, batch=96, lr=1e38)
+    assert not os.listdir(tmp_path / "run" / "checkpoints")
+    assert read_metrics(str(tmp_path / "run")) == []
+
+
+def test_divergence_stops_at_the_factor_and_keeps_the_last_good_checkpoint(tmp_path):
     run(tmp_path, epochs=1)
-    with pytest.raises(TrainingError, match=r"epoch 2, step \d+.*checkpoint is epoch 1"):
-        run(tmp_path, epochs=3, lr=1e30, resume=True)
+    # The factor is a resumable setting: a tiny one makes epoch 2 "diverge".
+    with pytest.raises(TrainingError, match=r"loss grew to [\d.]+ at epoch 2, more than 0.01x the"
+                                            r" loss at the start .*checkpoint is epoch 1 in .*"
+                                            r"Lower --lr \(now 0.1\)"):
+        run(tmp_path, epochs=3, resume=True, divergence_factor=0.01)
     manager = checkpoint_manager(str(tmp_path / "run"))
-    assert manager.latest_step() == 1
-    like = run(tmp_path, "fresh", epochs=0)
-    del like
+    assert manager.all_steps() == [1]
     manager.close()
     assert [m["epoch"] for m in read_metrics(str(tmp_path / "run"))] == [1]
+
+
+def test_a_large_lr_that_never_reaches_inf_is_stopped_as_diverged(tmp_path):
+    # lr 100 on this problem drives the loss to ~1e10 without inf or NaN: it used to exit 0.
+    with pytest.raises(TrainingError, match=r"loss grew to .* more than 100x the loss at the "
+                                            r"start"):
+        run(tmp_path, epochs=3, lr=100.0)
 
 
 def test_restore_latest_returns_none_without_checkpoints(tmp_path):
