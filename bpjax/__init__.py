@@ -21,6 +21,12 @@ from bpjax.formulas import accumulated_grad, manual_grad, per_example_grads
 from bpjax.losses import LOSSES
 from bpjax.methods import METHODS, grad_fn
 from bpjax.network import forward, init_params, layer_sizes, loss_fn, predict
+from bpjax.noise_scale import (
+    NoiseStats,
+    gradient_noise_scale,
+    noise_scale_estimates,
+    noise_stats_grad_fn,
+)
 from bpjax.privacy import clipped_grad, per_example_grad_norms, private_grad, private_grad_fn
 from bpjax.rundir import read_metrics
 from bpjax.runs import Run, load_run, runs_figure
@@ -37,6 +43,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Dataset",
+    "NoiseStats",
     "Run",
     "RunError",
     "TrainResult",
@@ -48,6 +55,7 @@ __all__ = [
     "evaluate",
     "forward",
     "grad_fn",
+    "gradient_noise_scale",
     "init_feedback",
     "init_params",
     "kp_feedback_grads",
@@ -57,6 +65,8 @@ __all__ = [
     "loss_fn",
     "make_regression",
     "manual_grad",
+    "noise_scale_estimates",
+    "noise_stats_grad_fn",
     "per_example_grad_norms",
     "per_example_grads",
     "predict",

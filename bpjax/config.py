@@ -23,12 +23,20 @@ from typing import Any
 from bpjax.activations import ACTIVATIONS
 from bpjax.data import DATASETS, dataset_shape
 from bpjax.errors import ConfigError
+from bpjax.feedback import FEEDBACK_RULES
 from bpjax.losses import LOSSES
-from bpjax.methods import METHODS
+from bpjax.methods import METHODS, RULE_METHODS
 from bpjax.parallel import check_batch_divides
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
-DTYPES = ("float32", "float64")
+LR_SCALINGS = ("none", "linear", "sqrt")
+LR_SCHEDULES = ("constant", "warmup_constant", "cosine", "warmup_cosine")
+# bfloat16 is mixed precision: float32 parameters and optimizer state (the master
+# copy), matrix products in bfloat16, loss, softmax and output error (7.1) in float32.
+DTYPES = ("float32", "float64", "bfloat16")
+# jax.default_matmul_precision: float32 products on GPUs (TF32) and TPUs (bfloat16
+# passes) are reduced by default; "highest" makes them exact float32.
+MATMUL_PRECISIONS = ("default", "high", "highest")
 PLATFORMS = ("cpu", "gpu", "tpu")
 PARALLEL = ("sharding", "shard_map")
 
@@ -62,9 +70,28 @@ class Config:
     """
 
     method: str = setting("manual", "How the gradient is computed.", choices=METHODS)
+    feedback: str = setting(
+        "bp", "The matrix (7.2) sends the error down with: bp (W^T, backprop), fa, dfa, sign,"
+        " kp (bpjax.feedback).", choices=FEEDBACK_RULES,
+    )
+    kp_decay: float = setting(
+        1e-4, "Kolen-Pollack: weight decay λ of W and B (--feedback=kp), pulling B to W."
+    )
     batch: int = setting(128, "Mini-batch size M.")
     epochs: int = setting(40, "Passes over the training set.", resumable=True)
-    lr: float = setting(0.1, "Learning rate.")
+    lr: float = setting(0.1, "Learning rate (at --lr_reference_batch when --lr_scaling is set).")
+    lr_scaling: str = setting(
+        "none", "Scale --lr with the batch: linear (batch/ref) or sqrt (sqrt(batch/ref)).",
+        choices=LR_SCALINGS,
+    )
+    lr_reference_batch: int = setting(128, "The batch size --lr is given for (--lr_scaling).")
+    lr_schedule: str = setting(
+        "constant", "Learning-rate schedule over the run (optax); cosine decays to 0 at the"
+        " last epoch.", choices=LR_SCHEDULES,
+    )
+    warmup_epochs: float = setting(
+        0.0, "Linear warm-up from 0 over this many epochs (warmup_* schedules)."
+    )
     optimizer: str = setting("sgd", "The update rule.", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "Momentum for --optimizer=momentum.")
     hidden: tuple[int, ...] = setting((500,), "Hidden widths, e.g. 500 or 256,128.")
@@ -79,7 +106,14 @@ class Config:
         None, "Run directory (default: a new one under runs/).", resumable=True
     )
     seed: int = setting(0, "Seed of the initial parameters, the shuffles, synthetic data.")
-    dtype: str = setting("float32", "Parameter and data dtype.", choices=DTYPES)
+    dtype: str = setting(
+        "float32", "Compute dtype (bfloat16: mixed precision, float32 master parameters).",
+        choices=DTYPES,
+    )
+    matmul_precision: str = setting(
+        "default", "Matrix-product precision (jax.default_matmul_precision); highest: exact"
+        " float32 on GPU/TPU.", choices=MATMUL_PRECISIONS,
+    )
     platform: str | None = setting(
         None, "Device kind to train on (default: what JAX picks).", choices=PLATFORMS,
         resumable=True,
@@ -93,6 +127,20 @@ class Config:
         1, "Checkpoint every N epochs (and after the last).", resumable=True
     )
     keep_checkpoints: int = setting(2, "Checkpoints kept on disk.", resumable=True)
+    eval_every_steps: int = setting(
+        0, "Evaluate every N steps (a divisor of the steps per epoch; 0: after each epoch)."
+        " Does not change the trajectory.", resumable=True,
+    )
+    target_accuracy: float | None = setting(
+        None, "Stop once the test accuracy reaches this fraction, e.g. 0.98.", resumable=True
+    )
+    target_loss: float | None = setting(
+        None, "Stop once the test loss falls to this value (regression).", resumable=True
+    )
+    noise_scale: bool = setting(
+        False, "Log the gradient noise scale B_simple per evaluation (bpjax.noise_scale).",
+        resumable=True,
+    )
     divergence_factor: float = setting(
         100.0, "Stop when the train or test loss exceeds this many times the loss at the"
         " start (0: never).", resumable=True,
@@ -125,10 +173,22 @@ class Config:
             check_positive_int(name, getattr(self, name))
         self._check_sizes()
         self._check_numbers()
+        self._check_schedule()
         self._check_devices()
         self._check_together()
         if self.resume and not self.workdir:
             raise ConfigError("--resume needs --workdir: the directory of the run to continue")
+
+    @property
+    def param_dtype(self) -> str:
+        """The dtype of parameters and optimizer state: float32 under bfloat16 (the master copy)."""
+        return "float32" if self.dtype == "bfloat16" else self.dtype
+
+    @property
+    def peak_lr(self) -> float:
+        """--lr scaled to this batch by --lr_scaling (the schedule's peak)."""
+        ratio = self.batch / self.lr_reference_batch
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -166,6 +226,8 @@ class Config:
                 f"{self.divergence_factor!r}"
             )
         check_positive_float("lr", self.lr)
+        if not math.isfinite(self.kp_decay) or self.kp_decay < 0:
+            raise ConfigError(f"--kp_decay must be a finite number >= 0, got {self.kp_decay!r}")
         if not math.isfinite(self.momentum) or not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum!r}")
         if self.dp_clip is not None:
@@ -185,14 +247,61 @@ class Config:
             )
         if self.num_devices:  # 0 (all devices) is checked once the devices are known
             check_batch_divides(self.batch, self.num_devices)
+        if self.platform == "tpu" and self.dtype == "float64":
+            raise ConfigError(
+                "--dtype=float64 on --platform=tpu: TPUs have no native float64 (JAX would"
+                " emulate it, slowly); use --dtype=float32 or bfloat16"
+            )
         if self.parallel == "shard_map" and self.dp_clip is not None:
             raise ConfigError(
                 "--parallel=shard_map does not do DP-SGD (its noise must be drawn once per"
                 " batch, not per device): use --parallel=sharding with --dp_clip"
             )
 
+    def _check_schedule(self) -> None:
+        """The learning-rate schedule, evaluation cadence and stopping targets."""
+        check_positive_int("lr_reference_batch", self.lr_reference_batch)
+        if not math.isfinite(self.warmup_epochs) or not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(
+                f"--warmup_epochs must be in [0, --epochs={self.epochs}], got"
+                f" {self.warmup_epochs!r}"
+            )
+        if self.warmup_epochs and not self.lr_schedule.startswith("warmup"):
+            raise ConfigError(
+                f"--warmup_epochs={self.warmup_epochs} needs a warm-up schedule:"
+                " --lr_schedule=warmup_constant or warmup_cosine"
+            )
+        every = self.eval_every_steps
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ConfigError(
+                f"--eval_every_steps must be 0 (each epoch) or a positive integer, got {every!r}"
+            )
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(
+                f"--target_accuracy is a fraction in (0, 1], e.g. 0.98, got"
+                f" {self.target_accuracy!r}"
+            )
+        if self.target_loss is not None:
+            check_positive_float("target_loss", self.target_loss)
+
     def _check_together(self) -> None:
         """Settings that are valid alone but cannot work together."""
+        if self.feedback != "bp" and self.method not in RULE_METHODS:
+            raise ConfigError(
+                f"--method={self.method} computes the true gradient with jax.grad; "
+                f"--feedback={self.feedback} needs a hand-written backward: "
+                f"--method={', '.join(RULE_METHODS)}"
+            )
+
+        if self.noise_scale and (self.dp_clip is not None or self.parallel == "shard_map"):
+            raise ConfigError(
+                "--noise_scale measures the plain gradient's noise: not with --dp_clip or"
+                " --parallel=shard_map"
+            )
+        if self.target_accuracy is not None and self.dataset == "regression":
+            raise ConfigError(
+                "--target_accuracy needs classes; the regression task has none: use --target_loss"
+            )
         if self.dataset == "regression" and self.loss == "softmax_cross_entropy":
             raise ConfigError(
                 "--dataset=regression has real-valued targets, which softmax cross-entropy"

@@ -52,6 +52,12 @@ sign(W^{l+1})^T; dfa: B^l, applied to the output error dZ^L); (7.1), (7.3), (7.4
 are unchanged, and so is the compiled ``"bp"`` program. Every function below
 takes ``rule`` (static) and ``feedback`` (the B matrices, a pytree argument).
 
+Mixed precision (``methods.grad_fn(..., compute_dtype="bfloat16")``): everything
+here runs in the dtype of its inputs, except the output error (7.1), computed in
+float32 (the loss upcasts Z^L, ``losses.wide_dtype``) and cast back before (7.2),
+and section 8's running sum, kept in float32. For float32 and float64 both casts
+are no-ops: the compiled programs are those without them.
+
 Three routes to the batch gradient live here, and the tests prove them equal:
 ``manual_grad`` on a batch (section 7, all samples at once), the mean of
 ``manual_grad`` vmapped over samples (section 0.3: samples never interact),
@@ -68,7 +74,7 @@ from jax import lax
 
 from bpjax.activations import get_activation
 from bpjax.feedback import Feedback, backward_matrices, check_feedback, takes_output_error
-from bpjax.losses import get_loss
+from bpjax.losses import get_loss, wide_dtype
 from bpjax.network import Params, check_inputs, forward
 
 Array = jax.Array
@@ -82,6 +88,7 @@ def full_matrix_backward(
     sigma_prime: Callable[[Array], Array],
     rule: str = "bp",
     feedback: Feedback = (),
+    tap: Callable[[int, Array, Array], None] | None = None,
 ) -> Params:
     """Second document, section 7: all M samples at once, in its column layout.
 
@@ -96,6 +103,8 @@ def full_matrix_backward(
       dZ_L: the output error dC/dZ^L, ``(N_L, M)``, already including 1/M.
       sigma_prime: σ', elementwise.
       rule, feedback: what (7.2) multiplies (``feedback.backward_matrices``).
+      tap: if given, called as ``tap(l, dZ^{l+1}, A^l)`` (0-based ``l``) with the two
+        factors of each layer's (7.3), for per-sample diagnostics (``noise_scale``).
     """
     # The matrix of (7.2), (W^{l+1})^T under bp, each its own small copy kernel ahead
     # of the forward pass (the barrier stops XLA folding the transpose into the
@@ -109,6 +118,8 @@ def full_matrix_backward(
             "W": dZ @ activations[l].T,                         # (7.3) dW^l = dZ^l (A^{l-1})^T
             "b": jnp.sum(dZ, axis=1),                           # (7.4) db^l = dZ^l · ones(M, 1)
         }
+        if tap is not None:
+            tap(l, dZ, activations[l])                          # (7.3)'s factors, unchanged
         if l > 0:
             dZ = (G[l] @ (dZ_L if direct else dZ)) * sigma_prime(zs[l - 1])  # (7.2)
     return grads
@@ -153,15 +164,19 @@ def manual_grad_and_output(
     loss: str = "softmax_cross_entropy",
     rule: str = "bp",
     feedback: Feedback | None = None,
+    tap: Callable[[int, Array, Array], None] | None = None,
 ) -> tuple[Params, Array]:
-    """``manual_grad`` that also returns the output Z^L (for loss and accuracy)."""
+    """``manual_grad`` that also returns the output Z^L (for loss and accuracy).
+
+    ``tap``: ``full_matrix_backward``'s hook (batch ``x: (M, n_0)`` only; unused for one sample).
+    """
     check_inputs(params, x, y)
     feedback = check_feedback(params, feedback, rule)
     sigma, sigma_prime = get_activation(activation)
     error = get_loss(loss).error
     if x.ndim == 1:
         zs, activations = forward(params, x, activation)
-        delta_L = error(zs[-1], y)
+        delta_L = error(zs[-1], y).astype(zs[-1].dtype)  # δ_L = o - y, in >= float32
         grads = single_sample_backward(
             params, zs, activations, delta_L, sigma_prime, rule, feedback
         )
@@ -178,8 +193,9 @@ def manual_grad_and_output(
     # C = (1/M) Σ_m ℓ_m: the batch mean enters once, here, in dC/dZ^L (section 4);
     # the error of each sample (column m) is the loss's δ_L(Z^L_m, Y_m).
     per_column = jax.vmap(error, in_axes=1, out_axes=1)
-    dZ_L = per_column(zs[-1], Y) / x.shape[0]                      # (7.1), (N_L, M)
-    grads = full_matrix_backward(params, zs, activations, dZ_L, sigma_prime, rule, feedback)
+    # (7.1) in float32 under bfloat16 (the loss upcasts Z^L), then back to Z^L's dtype.
+    dZ_L = (per_column(zs[-1], Y) / x.shape[0]).astype(zs[-1].dtype)  # (7.1), (N_L, M)
+    grads = full_matrix_backward(params, zs, activations, dZ_L, sigma_prime, rule, feedback, tap)
     return grads, zs[-1].T                                         # Z^L as (M, N_L) rows
 
 
@@ -246,9 +262,10 @@ def accumulated_grad_and_output(
         g, z = manual_grad_and_output(params, *sample, **kw)
         return jax.tree.map(jnp.add, total, g), z
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    # The running sum in >= float32: bfloat16 would round away each sample's share.
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, wide_dtype(p.dtype)), params)
     total, outputs = lax.scan(add_sample, zeros, (x, y))
-    return jax.tree.map(lambda t: t / x.shape[0], total), outputs
+    return jax.tree.map(lambda t, p: (t / x.shape[0]).astype(p.dtype), total, params), outputs
 
 
 def accumulated_grad(

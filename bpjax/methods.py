@@ -17,6 +17,24 @@ other than ``"bp"`` gives that rule's update instead of the gradient; only the
 hand-written methods (:data:`RULE_METHODS`) can, since ``jax.grad`` computes
 the true gradient. The rule's matrices reach the function as an argument,
 ``fn(params, x, y, feedback)``, so they may change between calls (Kolen-Pollack).
+
+Mixed precision, ``grad_fn(method, compute_dtype="bfloat16")`` (the one definition
+the training loop and the batch sweep both use):
+
+* the parameters and the optimizer state stay float32, the master copy: ``fn``
+  takes float32 params (and feedback; x in float32 or bfloat16, y in float32) and
+  returns float32 grads, the params' pytree and dtypes, and float32 outputs Z^L;
+* the forward and backward matrix products run in bfloat16: params, feedback and x
+  are cast to bfloat16 on the way in, so Z^l, A^l, dZ^l and (7.3)'s products are
+  bfloat16 (XLA accumulates each product in float32 and rounds its result);
+* the loss, the softmax and the output error (7.1) run in float32: the loss upcasts
+  Z^L (``losses.wide_dtype``); the hand-written methods cast dZ^L back to bfloat16
+  before (7.2)-(7.4), ``autodiff`` lets ``jax.grad`` carry bfloat16 cotangents back
+  through the products. What adds up many samples one by one is float32 too:
+  section 8's running sum (``per_sample``), DP-SGD's norms and clip factors.
+
+With ``compute_dtype`` None or equal to the params' dtype (float32, float64)
+nothing is cast: the compiled program is the one without ``compute_dtype``.
 """
 
 from __future__ import annotations
@@ -89,24 +107,64 @@ def check_method(method: str, rule: str = "bp") -> None:
         )
 
 
+def _is_float_dtype(name: str) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(name), jnp.floating)
+    except TypeError:
+        return False
+
+
+def in_compute_dtype(
+    fn: GradFn, compute_dtype: str | None
+) -> Callable[[Params, Array, Array, Feedback], tuple[Params, Array]]:
+    """``fn(params, x, y, feedback=...)`` run in ``compute_dtype`` (mixed precision, above).
+
+    Returns ``run(params, x, y, feedback)``: params, feedback and x cast to
+    ``compute_dtype``, then ``fn``, then the grads cast back to the params' dtypes
+    and the outputs to the dtype of ``params``' first leaf (the master copy's);
+    anything ``fn`` returns beyond ``(grads, outputs)`` (statistics) passes through.
+    A cast to an array's own dtype is no operation at all, so with
+    ``compute_dtype`` the params' dtype (or None) ``run`` traces exactly ``fn``.
+    """
+    if compute_dtype is not None and not _is_float_dtype(compute_dtype):
+        raise ValueError(
+            f"compute_dtype must be a floating dtype such as 'bfloat16', or None; got "
+            f"{compute_dtype!r}"
+        )
+
+    def run(params: Params, x: Array, y: Array, feedback: Feedback) -> tuple[Params, Array]:
+        if compute_dtype is None:
+            return fn(params, x, y, feedback=feedback)
+        cast = lambda tree: jax.tree.map(lambda a: a.astype(compute_dtype), tree)  # noqa: E731
+        grads, outputs, *extra = fn(cast(params), cast(x), y, feedback=cast(feedback))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return grads, outputs.astype(jax.tree.leaves(params)[0].dtype), *extra
+
+    return run
+
+
 def grad_fn(
     method: str,
     *,
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
     rule: str = "bp",
+    compute_dtype: str | None = None,
 ) -> GradFn:
     """The batch-gradient function of ``method`` with activation, loss and rule bound.
 
     Returns ``fn(params, x, y, feedback=()) -> (grads, outputs)``, a pure function
     of arrays only, ready for ``jax.jit``; ``feedback`` holds ``rule``'s matrices
     (``bpjax.init_feedback``; none for ``"bp"`` and ``"sign"``, so ``fn(params, x, y)``).
+    ``compute_dtype="bfloat16"``: mixed precision (module docstring); None, or the
+    params' own dtype: no cast at all.
     """
     check_method(method, rule)
     grads_of = functools.partial(_METHODS[method], activation=activation, loss=loss, rule=rule)
+    run = in_compute_dtype(grads_of, compute_dtype)
 
     def fn(params: Params, x: Array, y: Array, feedback: Feedback = ()) -> tuple[Params, Array]:
-        return grads_of(params, x, y, feedback=feedback)
+        return run(params, x, y, feedback)
 
     fn.__name__ = fn.__qualname__ = _METHODS[method].__name__  # jit and HLO names as before
     return fn

@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from bpjax.errors import ConfigError
 from bpjax.formulas import manual_grad_and_output
+from bpjax.losses import wide_dtype
 from bpjax.methods import grad_fn
 from bpjax.network import Params
 
@@ -175,22 +176,24 @@ def check_batch_divides(batch: int, num_devices: int, over: str | None = None) -
 
 
 def sharded_manual_grad(
-    mesh: Mesh, *, activation: str = "relu", loss: str = "softmax_cross_entropy"
-) -> Callable[[Params, Array, Array], tuple[Params, Array]]:
+    mesh: Mesh, *, activation: str = "relu", loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+) -> Callable[..., tuple[Params, Array]]:
     """``manual_grad`` as an explicit per-device program: local Σ, then ``psum``.
 
-    Returns ``(params, x: (M, n_0), y: (M, n_L)) -> (grads, outputs)``, the same
-    contract as ``methods.grad_fn("manual")``: ``grads`` (replicated) is the
-    gradient of the batch-mean loss over all M samples; ``outputs: (M, n_L)`` is
-    Z^L, split by rows like ``x``. M must divide by the mesh size.
+    Returns ``(params, x: (M, n_0), y: (M, n_L), feedback=()) -> (grads, outputs)``,
+    the same contract as ``methods.grad_fn("manual")``: ``grads`` (replicated) is
+    the gradient of the batch-mean loss over all M samples (``rule``'s update);
+    ``outputs: (M, n_L)`` is Z^L, split by rows like ``x``. M must divide by the
+    mesh size.
     """
 
-    def per_device(params: Params, x_m: Array, y_m: Array) -> tuple[Params, Array]:
+    def per_device(params: Params, x_m: Array, y_m: Array, feedback) -> tuple[Params, Array]:
         # Section 7 on this device's M/D rows (x_m), with no communication: the
         # forward pass and the error recursion are row-local. It returns their mean,
         # (D/M) Σ_{m ∈ d} dZ^l_m (A^{l-1}_m)^T.
         local_mean, z_m = manual_grad_and_output(
-            params, x_m, y_m, activation=activation, loss=loss
+            params, x_m, y_m, activation=activation, loss=loss, rule=rule, feedback=feedback
         )
         m_local = x_m.shape[0]
         m_global = m_local * lax.axis_size(DATA)
@@ -198,31 +201,37 @@ def sharded_manual_grad(
         def section_6_sum(g: Array) -> Array:
             # (6.1) dW^l = (1/M) Σ_d Σ_{m ∈ d} dZ^l_m (A^{l-1}_m)^T, (6.2) db^l likewise:
             # each device's sum over its rows, summed over the devices by psum.
-            return lax.psum(g * m_local, DATA) / m_global
+            # (summed in at least float32: a bfloat16 step's grads are upcast first).
+            return lax.psum(g.astype(wide_dtype(g.dtype)) * m_local, DATA) / m_global
 
         return jax.tree.map(section_6_sum, local_mean), z_m
 
-    return jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P(DATA))
-    )
+    return _with_feedback(jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P()), out_specs=(P(), P(DATA))
+    ))  # fmt: skip
+
+
+def _with_feedback(fn: Callable) -> Callable[..., tuple[Params, Array]]:
+    """``fn(params, x, y, feedback)`` callable as ``fn(params, x, y)`` too (no matrices)."""
+    return lambda params, x, y, feedback=(): fn(params, x, y, feedback)
 
 
 def sharded_grad_fn(
-    method: str, mesh: Mesh, *, activation: str = "relu", loss: str = "softmax_cross_entropy"
-) -> Callable[[Params, Array, Array], tuple[Params, Array]]:
-    """The ``shard_map`` form of ``methods.grad_fn(method)``: same contract.
+    method: str, mesh: Mesh, *, activation: str = "relu", loss: str = "softmax_cross_entropy",
+    rule: str = "bp",
+) -> Callable[..., tuple[Params, Array]]:
+    """The ``shard_map`` form of ``methods.grad_fn(method, rule=rule)``: same contract.
 
     ``manual`` gets the explicit section 6 ``psum`` (:func:`sharded_manual_grad`);
     every other method the generic local-mean-then-``pmean`` (:func:`sharded_grad`).
+    The feedback matrices are replicated, like the parameters.
     """
     if method == "manual":
-        return sharded_manual_grad(mesh, activation=activation, loss=loss)
-    return sharded_grad(grad_fn(method, activation=activation, loss=loss), mesh)
+        return sharded_manual_grad(mesh, activation=activation, loss=loss, rule=rule)
+    return sharded_grad(grad_fn(method, activation=activation, loss=loss, rule=rule), mesh)
 
 
-def sharded_grad(
-    grad: Callable[[Params, Array, Array], tuple[Params, Array]], mesh: Mesh
-) -> Callable[[Params, Array, Array], tuple[Params, Array]]:
+def sharded_grad(grad: Callable[..., tuple[Params, Array]], mesh: Mesh) -> Callable[..., tuple]:
     """Any gradient method in the ``shard_map`` form: the local mean, then ``pmean``.
 
     ``grad`` returns the gradient of its rows' mean loss. With D equal shards of
@@ -237,14 +246,14 @@ def sharded_grad(
     is the explicit pmean.
     """
 
-    def per_device(params: Params, x_m: Array, y_m: Array) -> tuple[Params, Array]:
+    def per_device(params: Params, x_m: Array, y_m: Array, feedback) -> tuple[Params, Array]:
         params = lax.pcast(params, DATA, to="varying")  # local grads, no implicit psum
-        local, outputs = grad(params, x_m, y_m)
+        local, outputs = grad(params, x_m, y_m, feedback)
         return jax.tree.map(lambda g: lax.pmean(g, DATA), local), outputs
 
-    return jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA)), out_specs=(P(), P(DATA))
-    )
+    return _with_feedback(jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P()), out_specs=(P(), P(DATA))
+    ))  # fmt: skip
 
 
 # What to install for each platform (JAX's own extras).

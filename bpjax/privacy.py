@@ -45,6 +45,15 @@ is still the outer product dZ^l_m (A^{l-1}_m)^T, with the rule's own row dZ^l_m 
 rule's per-example updates (``rule=`` everywhere below). ``jax.grad`` knows only the
 true gradient, so the autodiff routes refuse other rules.
 
+Mixed precision (``private_grad_fn(..., compute_dtype="bfloat16")``, the definition
+of ``bpjax.methods``): the clipped sum runs in bfloat16 like a step's gradient, with
+the output error in float32; the norms (N) and clip factors c_m are computed in
+float32 from the bfloat16 rows (``losses.wide_dtype``), the scaled rows c_m dZ^l_m
+rounded once to bfloat16 for the product (C); the noise and the 1/M of (P) are added
+in float32 to the float32 sum. bfloat16 rounding of (C) can move a clipped
+per-example contribution by about 2^-8 of its norm: the sensitivity is C (1 + ~4e-3),
+not exactly C; account in float32 where that matters.
+
 Two routes, the same answer (``private_grad_fn``):
 
 * ``"manual"``: equations (N) and (C), one forward and one backward pass over
@@ -59,7 +68,7 @@ Two routes, the same answer (``private_grad_fn``):
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +77,8 @@ from jax import lax
 from bpjax.activations import get_activation
 from bpjax.feedback import Feedback, check_feedback, error_rows
 from bpjax.formulas import manual_grad_and_output
-from bpjax.losses import get_loss
-from bpjax.methods import check_method
+from bpjax.losses import get_loss, wide_dtype
+from bpjax.methods import check_method, in_compute_dtype
 from bpjax.network import Params, check_inputs, forward, predict
 
 Array = jax.Array
@@ -100,22 +109,37 @@ def per_sample_errors(
     feedback = check_feedback(params, feedback, rule)
     _, sigma_prime = get_activation(activation)
     zs, activations = forward(params, x, activation)
-    dZ_L = get_loss(loss).error(zs[-1], y)                              # (7.1), without 1/M
+    dZ_L = get_loss(loss).error(zs[-1], y).astype(zs[-1].dtype)         # (7.1), without 1/M
     dZs = error_rows(params, feedback, zs, dZ_L, sigma_prime, rule)     # (7.2), in rows
     return dZs, activations, zs[-1]
 
 
+def _wide(a: Array) -> Array:
+    # Norms and clip factors in >= float32 (bfloat16 rows are upcast; float32 is untouched).
+    return a.astype(wide_dtype(a.dtype))
+
+
 def _sq_row_norms(a_MxN: Array) -> Array:
-    return jnp.sum(jnp.square(a_MxN), axis=1)
+    return jnp.sum(jnp.square(_wide(a_MxN)), axis=1)
+
+
+def sq_norms_from_factor_norms(dZ_sq: Iterable[Array], A_sq: Iterable[Array]) -> Array:
+    """``(M,)`` squared per-example norms ||g_m||², eq. (N), from the factors' norms.
+
+    ``dZ_sq[l]``, ``A_sq[l]``: ``(M,)`` ||dZ^{l+1}_m||² and ||A^l_m||², in layer order,
+    summed in whatever layout holds the factors (``noise_scale``: section 7's columns).
+    """
+    # (N): ||g_m||² = Σ_l ||dZ^l_m||² (||A^{l-1}_m||² + 1), W and b of every layer.
+    return sum(d * (a + 1) for d, a in zip(dZ_sq, A_sq, strict=True))
+
+
+def sq_norms_from_errors(dZs: Sequence[Array], activations: Sequence[Array]) -> Array:
+    """``(M,)`` ||g_m||², eq. (N), from the rows that ``per_sample_errors`` returns."""
+    return sq_norms_from_factor_norms(map(_sq_row_norms, dZs), map(_sq_row_norms, activations))
 
 
 def _norms_from_errors(dZs: list[Array], activations: list[Array]) -> Array:
-    # (N): ||g_m||² = Σ_l ||dZ^l_m||² (||A^{l-1}_m||² + 1), W and b of every layer.
-    sq_M = sum(
-        _sq_row_norms(dZ) * (_sq_row_norms(A) + 1)
-        for dZ, A in zip(dZs, activations, strict=True)
-    )
-    return jnp.sqrt(sq_M)
+    return jnp.sqrt(sq_norms_from_errors(dZs, activations))
 
 
 def per_example_grad_norms(
@@ -172,7 +196,7 @@ def clipped_grad_and_norms(
     c_M = clip_factors(norms_M, clip)
     grads: Params = []
     for dZ, A in zip(dZs, activations, strict=True):
-        cdZ = dZ * c_M[:, None]                 # dZ^l diag(c), row m scaled by c_m
+        cdZ = (dZ * c_M[:, None]).astype(dZ.dtype)  # dZ^l diag(c), row m scaled by c_m
         grads.append({
             "W": cdZ.T @ A,                     # (C), (7.3): Σ_m c_m dZ^l_m (A^{l-1}_m)^T
             "b": jnp.sum(cdZ, axis=0),          # (C), (7.4): Σ_m c_m dZ^l_m
@@ -261,7 +285,7 @@ def _per_sample_loss_and_output(params: Params, x_n: Array, y_n: Array, *, activ
 def _per_example_global_norm_clip(grads_M: Params, clip) -> tuple[Params, Array]:
     # optax's per_example_global_norm_clip on the pytree (leading axis M on every leaf).
     leaves = jax.tree.leaves(grads_M)
-    sq_M = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in leaves)
+    sq_M = sum(jnp.sum(jnp.square(_wide(g.reshape(g.shape[0], -1))), axis=1) for g in leaves)
     c_M = clip_factors(jnp.sqrt(sq_M), clip)
     return jax.tree.map(lambda g: jnp.tensordot(c_M, g, axes=1), grads_M), c_M
 
@@ -286,11 +310,11 @@ def _scan_clipped_sum(params, x, y, *, clip, activation, loss, rule, feedback):
 
     def add_clipped(total: Params, sample: tuple[Array, Array]) -> tuple[Params, Array]:
         g, z = manual_grad_and_output(params, *sample, **kw)
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(g)))
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(_wide(leaf))) for leaf in jax.tree.leaves(g)))
         c = clip_factors(norm, clip)
         return jax.tree.map(lambda t, gi: t + c * gi, total, g), z
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, wide_dtype(p.dtype)), params)  # >= float32
     return lax.scan(add_clipped, zeros, (x, y))
 
 
@@ -337,6 +361,7 @@ def private_grad_fn(
     activation: str = "relu",
     loss: str = "softmax_cross_entropy",
     rule: str = "bp",
+    compute_dtype: str | None = None,
 ) -> PrivateGradFn:
     """DP-SGD gradient function for the training loop, eq. (P).
 
@@ -347,20 +372,24 @@ def private_grad_fn(
     ``"manual"`` uses ghost clipping; all other methods clip per-example
     gradients (see the module docstring); all give the same result for the same key.
     ``rule`` (not for the autodiff methods) clips and noises the rule's per-example
-    updates instead; ``feedback`` holds its matrices.
+    updates instead; ``feedback`` holds its matrices. ``compute_dtype="bfloat16"``: mixed
+    precision (module docstring), float32 params in, float32 grads and outputs out.
     """
     check_method(method, rule)
     for name, value in (("clip", clip), ("noise_multiplier", noise_multiplier)):
         if isinstance(value, int | float) and not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    kw = dict(activation=activation, loss=loss, rule=rule)
+    clipped_sum = in_compute_dtype(
+        functools.partial(per_example_clipped_sum, method, clip=clip, **kw), compute_dtype
+    )
 
     def fn(
         params: Params, x: Array, y: Array, key: Array | None, feedback: Feedback = ()
     ) -> tuple[Params, Array]:
         if key is None and not _is_static_zero(noise_multiplier):
             raise ValueError("private_grad needs a PRNG key when noise_multiplier is not 0")
-        kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-        grads_sum, Z_L = per_example_clipped_sum(method, params, x, y, clip=clip, **kw)
+        grads_sum, Z_L = clipped_sum(params, x, y, feedback)  # in params' dtype: float32
         grads = _noise_and_average(
             grads_sum, key, clip=clip, noise_multiplier=noise_multiplier, batch_size=x.shape[0]
         )

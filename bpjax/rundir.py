@@ -11,9 +11,18 @@ A notebook reads a run back with ``read_metrics(workdir)`` or
 (optimizer steps so far), ``train_loss`` and ``train_accuracy`` (averaged over
 the epoch's steps, each taken before its update), ``test_loss`` and
 ``test_accuracy`` (after the epoch; accuracy is None without classes),
-``samples_per_s`` and ``epoch_s`` (the epoch's training loop, evaluation apart)
-and ``elapsed_s`` (since the run started, compilation and any earlier part of a
-resumed run included).
+``samples_per_s`` and ``epoch_s`` (the training of the interval the record
+covers, evaluation apart: the epoch, or ``--eval_every_steps`` steps, when
+``epoch`` is a fraction), ``train_s`` (all training so far, compilation and
+evaluation excluded) and ``elapsed_s`` (since the run started, compilation and
+any earlier part of a resumed run included); with a ``--target_*``,
+``target_reached``; with ``--noise_scale``, ``b_simple``, ``grad_sq_norm`` and
+``trace_sigma`` (McCandlish et al.'s estimates from the interval's averages of
+S and |G_M|^2, ``bpjax.noise_scale``). Under a feedback rule other than bp, also
+``alignment_deg`` (per hidden layer: the angle between the rule's dW^l and the
+true gradient), ``delta_deg`` (the mean per-example angle between the rule's
+and backprop's error signals) and, for fa and kp, ``weight_deg`` (W^{l+1} vs
+B^{l+1}), all measured on a fixed batch (``bpjax.feedback.alignment``).
 
 A resumed run is the same run: its ``config.json`` is never rewritten, and the
 settings a resume may change (``Config`` fields marked resumable: epochs,
@@ -98,6 +107,10 @@ def format_line(record: dict[str, Any], epochs: int, eta_s: float) -> str:
     parts.append(f"test_loss {record['test_loss']:.4f}")
     if record.get("test_accuracy") is not None:
         parts.append(f"test_acc {100 * record['test_accuracy']:.2f}%")
+    if record.get("alignment_deg"):
+        parts.append("align " + "/".join(f"{a:.1f}" for a in record["alignment_deg"]) + "°")
+    if "b_simple" in record:
+        parts.append(f"B_simple {record['b_simple']:.4g}")
     parts += [
         f"{record['samples_per_s'] / 1e3:.1f}k samples/s",
         f"epoch {record['epoch_s']:.2f}s",
@@ -121,6 +134,10 @@ def _check_resume(config: Config, workdir: str, recorded: Config | None) -> None
             " recorded settings), or choose a new --workdir"
         )
     differ = recorded.differences(config) if (config.resume and recorded) else {}
+    if differ == {} and recorded and config.resume and recorded.epochs != config.epochs and (
+        "cosine" in recorded.lr_schedule
+    ):  # the schedule decays over the run's --epochs: more epochs change every step's lr
+        differ = {"epochs": (recorded.epochs, config.epochs)}
     if differ:
         listed = "; ".join(f"--{k}: recorded {a!r}, given {b!r}" for k, (a, b) in differ.items())
         raise ConfigError(
@@ -134,7 +151,7 @@ class RunDir:
 
     ``open`` checks the workdir (see :func:`_check_resume`) and takes its lock;
     ``resume`` restores the newest intact checkpoint (or starts the run);
-    ``start`` writes ``config.json``; ``end_epoch`` checkpoints, appends the
+    ``start`` writes ``config.json``; ``end_interval`` checkpoints, appends the
     metrics record and logs its line; ``close`` waits for the last checkpoint,
     closes the manager and releases the lock, on every exit path.
     """
@@ -155,8 +172,10 @@ class RunDir:
         self.epoch_times: list[float] = []
         self.saved_epoch = 0  # the newest epoch with a checkpoint (written or pending)
         self.resumed = False
+        self.intervals_per_epoch = 1  # evaluations per epoch (--eval_every_steps)
         self.t_start = time.perf_counter()
         self._elapsed_before = 0.0  # seconds the run had already taken before a resume
+        self._train_s = 0.0  # training seconds so far, compilation and evaluation excluded
 
     @classmethod
     def open(cls, config: Config, *, log: Log, is_main: bool = True) -> RunDir:
@@ -230,6 +249,7 @@ class RunDir:
         self.resumed, self.saved_epoch = True, epoch
         self.history = [m for m in read_metrics(self.workdir) if m["epoch"] <= epoch]
         self._elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
+        self._train_s = self.history[-1].get("train_s", 0.0) if self.history else 0.0
         self._rewrite_metrics()
         changed = self.recorded.differences(self.config, resumable=True) if self.recorded else {}
         self.event("resume", epoch=epoch, changed={k: list(v) for k, v in changed.items()
@@ -259,6 +279,11 @@ class RunDir:
     def elapsed_s(self) -> float:
         return self._elapsed_before + time.perf_counter() - self.t_start
 
+    def add_train_s(self, seconds: float) -> float:
+        """Adds an interval's training time; returns the run's total so far."""
+        self._train_s += seconds
+        return self._train_s
+
     def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
         """Checkpoints ``state`` as epoch ``epoch``.
 
@@ -271,17 +296,18 @@ class RunDir:
             save_checkpoint(self.manager, epoch, state, meta)
         self.saved_epoch = epoch
 
-    def end_epoch(self, state: Any, record: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Checkpoint (when due), metrics line, log line: the end of one epoch."""
+    def end_interval(self, state: Any, record: dict[str, Any], meta: dict[str, Any],
+                     epoch_end: bool = True) -> None:  # fmt: skip
+        """Checkpoint (at an epoch's end, when due), metrics line, log line."""
         epoch, config = record["epoch"], self.config
-        if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
+        if epoch_end and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
             self.save(epoch, state, meta)
         self.history.append(record)
         self.epoch_times.append(record["epoch_s"])
         if self.is_main:
             self._append(METRICS, record)
-        eta = float(np.median(self.epoch_times)) * (config.epochs - epoch)
-        self.log(format_line(record, config.epochs, eta))
+        per_epoch = float(np.median(self.epoch_times)) * self.intervals_per_epoch
+        self.log(format_line(record, config.epochs, per_epoch * (config.epochs - epoch)))
 
     def last_checkpoint(self) -> int | None:
         """The epoch of the newest checkpoint on disk (after pending saves finish)."""
@@ -289,16 +315,22 @@ class RunDir:
             self.manager.wait_until_finished()
         return self.manager.latest_step()
 
-    def summary(self, loop_s: float) -> str:
-        """The closing log line."""
+    def summary(self, loop_s: float, target: dict[str, Any] | None = None) -> str:
+        """The closing log line (and where the target was reached, if it was)."""
         last = self.history[-1]
         acc = last.get("test_accuracy")
-        median = f", median epoch {np.median(self.epoch_times):.3f}s" if self.epoch_times else ""
+        median, reached = "", ""
+        if self.epoch_times:
+            per_epoch = np.median(self.epoch_times) * self.intervals_per_epoch
+            median = f", median epoch {per_epoch:.3f}s"
+        if target:
+            reached = (f"; target reached at epoch {target['epoch']}, step {target['step']}, after"
+                       f" {target['train_s']:.1f}s of training ({target['elapsed_s']:.1f}s wall)")
         return (
-            f"done: {len(self.history)} epochs, test "
+            f"done: {last['epoch']} epochs, test "
             + (f"accuracy {100 * acc:.2f}%" if acc is not None else f"loss {last['test_loss']:.5f}")
             + f"{median}, training loop {loop_s:.1f}s, whole run "
-            f"{time.perf_counter() - self.t_start:.1f}s; metrics in {self.path(METRICS)}"
+            f"{time.perf_counter() - self.t_start:.1f}s{reached}; metrics in {self.path(METRICS)}"
         )
 
     def _rewrite_metrics(self) -> None:

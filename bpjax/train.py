@@ -4,8 +4,12 @@
 jitted epoch function once (compiled ahead of time, so compile time is measured
 apart and later epochs never recompile), then per epoch: reshuffle from a key
 derived from (seed, epoch), scan ``train_step`` over ``N // batch`` fixed-shape
-batches, evaluate on the test set, then let the run directory
-(``bpjax.rundir``) checkpoint, append the metrics and log one line.
+batches, evaluate on the test set (``bpjax.evaluation``), then let the run
+directory (``bpjax.rundir``) checkpoint, append the metrics and log one line.
+With ``--eval_every_steps=K`` the epoch's scan runs as equal chunks of K steps
+(one compiled program, the chunk's first step an argument), with an evaluation
+after each: the same steps, in the same order, with the same keys, so the same
+trajectory. A run stops early at ``--target_accuracy`` / ``--target_loss``.
 
 Remainder: each epoch takes the first ``(N // batch) * batch`` samples of a
 fresh permutation; the other ``N mod batch`` samples sit that epoch out. The
@@ -43,29 +47,34 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
-from jax.sharding import Mesh
 
-from bpjax import parallel
 from bpjax.config import Config
 from bpjax.data import Dataset, load_dataset
 from bpjax.errors import ConfigError, TrainingError
-from bpjax.losses import get_loss
-from bpjax.methods import grad_fn
-from bpjax.network import Params, init_params, predict
+from bpjax.evaluation import (
+    Evaluator,
+    check_health,
+    evaluate,  # noqa: F401 - part of this module's API (bpjax.train.evaluate)
+    interval_record,
+    target_reached,
+)
+from bpjax.feedback import Feedback, init_feedback
+from bpjax.network import Params, init_params
 from bpjax.parallel import Placement
-from bpjax.privacy import private_grad_fn
 from bpjax.rundir import RunDir
+from bpjax.step import (  # noqa: F401 - the step's names, importable from here as before
+    GradFn,
+    TrainState,
+    learning_rate,
+    make_grad,
+    make_optimizer,
+    run_epoch,
+    run_steps,
+    train_step,
+)
 
 Array = jax.Array
 Log = Callable[[str], None]
-
-
-class TrainState(NamedTuple):
-    params: Params
-    opt_state: optax.OptState
-    step: Array  # int32 scalar: optimizer steps taken so far
 
 
 class TrainData(NamedTuple):
@@ -84,114 +93,18 @@ class TrainResult:
     workdir: str
     traces: int  # traces of the epoch function in this run: 1 means it never recompiled
     interrupted: bool = False  # stopped early on request; the last epoch run is checkpointed
-
-
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    """``sgd`` is the documents' update W <- W - lr * dW."""
-    if config.optimizer == "sgd":
-        return optax.sgd(config.lr)
-    if config.optimizer == "momentum":
-        return optax.sgd(config.lr, momentum=config.momentum)
-    return optax.adam(config.lr)
-
-
-def make_grad(
-    config: Config, mesh: Mesh | None = None
-) -> Callable[[Params, Array, Array, Array], tuple[Params, Array]]:
-    """``(params, x, y, key) -> (grads, outputs)`` for the configured method.
-
-    The switchboard of gradient routes: the lowest module that sees all three
-    tables (``methods.grad_fn``, ``privacy.private_grad_fn``,
-    ``parallel.sharded_grad_fn``). ``key`` feeds the DP-SGD noise when
-    ``dp_clip`` is set and is unused otherwise. With a ``mesh`` and
-    ``config.parallel == "shard_map"``, the explicit per-device program;
-    otherwise the single-device function (under a mesh, XLA partitions it from
-    the batch's sharding).
-    """
-    if mesh is not None and config.parallel == "shard_map":
-        sharded = parallel.sharded_grad_fn(
-            config.method, mesh, activation=config.activation, loss=config.loss
-        )
-        return lambda params, x, y, key: sharded(params, x, y)
-    if config.dp_clip is not None:
-        return private_grad_fn(
-            config.method,
-            clip=config.dp_clip,
-            noise_multiplier=config.dp_noise,
-            activation=config.activation,
-            loss=config.loss,
-        )
-    grad = grad_fn(config.method, activation=config.activation, loss=config.loss)
-    return lambda params, x, y, key: grad(params, x, y)
-
-
-def batch_metrics(outputs: Array, y: Array, loss: str, classify: bool = True) -> dict[str, Array]:
-    """Summed loss and correct count of one batch (sums, so epochs average exactly).
-
-    ``classify``: the targets are one-hot classes, whatever the loss (MNIST
-    under squared error has an accuracy too); regression targets have none.
-    """
-    metrics = {"loss_sum": jnp.sum(get_loss(loss).per_sample(outputs, y))}
-    if classify:
-        hits = jnp.argmax(outputs, axis=-1) == jnp.argmax(y, axis=-1)
-        metrics["correct"] = jnp.sum(hits.astype(jnp.int32))
-    return metrics
-
-
-def train_step(
-    state: TrainState, x: Array, y: Array, key: Array, *, grad, optimizer, loss: str,
-    classify: bool = True,
-) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer step on the batch ``x: (B, n_0)``, ``y: (B, n_L)``."""
-    grads, outputs = grad(state.params, x, y, key)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = batch_metrics(outputs, y, loss, classify)
-    return TrainState(params, opt_state, state.step + 1), metrics
-
-
-def run_epoch(
-    state: TrainState,
-    x: Array,
-    y: Array,
-    key: Array,
-    *,
-    step_fn,
-    batch: int,
-    place: Placement | None = None,
-) -> tuple[TrainState, dict[str, Array]]:
-    """Shuffles ``x: (N, n_0)``, ``y: (N, n_L)`` and scans ``step_fn`` over full batches.
-
-    With a mesh in ``place``, each batch's indices and rows are split over its
-    ``data`` axis: device d gathers rows ``[d B/D, (d+1) B/D)`` of every batch.
-    Returns per-step metrics with a leading ``(N // batch,)`` axis.
-    """
-    shard = place.shard_rows if place is not None else (lambda a: a)
-    steps = x.shape[0] // batch
-    shuffle_key, noise_key = jax.random.split(key)
-    order = jax.random.permutation(shuffle_key, x.shape[0])[: steps * batch]
-
-    def body(state, i):
-        idx = shard(lax.dynamic_slice_in_dim(order, i * batch, batch))
-        return step_fn(state, shard(x[idx]), shard(y[idx]), jax.random.fold_in(noise_key, i))
-
-    return lax.scan(body, state, jnp.arange(steps))
-
-
-def evaluate(
-    params: Params, x: Array, y: Array, *, activation: str, loss: str, classify: bool = True
-) -> dict[str, Array]:
-    """Mean loss and accuracy (classification only) over ``x: (N, n_0)``."""
-    m = batch_metrics(predict(params, x, activation=activation), y, loss, classify)
-    out = {"loss": m["loss_sum"] / x.shape[0]}
-    if "correct" in m:
-        out["accuracy"] = m["correct"] / x.shape[0]
-    return out
+    feedback: Feedback = ()  # the rule's final B matrices (fixed under fa/dfa, learned under kp)
+    target: dict[str, Any] | None = None  # where --target_* was reached: epoch, step, seconds
 
 
 def prepare_data(dataset: Dataset, config: Config, place: Placement) -> TrainData:
-    """Targets as rows (one-hot for classification), cast, and placed (``place.put``)."""
-    dtype = jnp.dtype(config.dtype)
+    """Targets as rows (one-hot for classification), cast, and placed (``place.put``).
+
+    Inputs in the compute dtype (bfloat16 under mixed precision: half the memory
+    and traffic), targets in the parameters' (float32 then: soft or real-valued
+    targets would lose precision in bfloat16).
+    """
+    x_dtype, y_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     n = config.train_examples or dataset.x_train.shape[0]
     if n > dataset.x_train.shape[0]:
         raise ConfigError(
@@ -211,13 +124,13 @@ def prepare_data(dataset: Dataset, config: Config, place: Placement) -> TrainDat
 
     def targets(y: np.ndarray) -> np.ndarray:
         if dataset.num_classes is None:
-            return y.astype(dtype)
-        return np.eye(dataset.num_classes, dtype=dtype)[y]
+            return y.astype(y_dtype)
+        return np.eye(dataset.num_classes, dtype=y_dtype)[y]
 
     return place.put(TrainData(
-        x_train=dataset.x_train[:n].astype(dtype),
+        x_train=dataset.x_train[:n].astype(x_dtype),
         y_train=targets(dataset.y_train[:n]),
-        x_test=dataset.x_test.astype(dtype),
+        x_test=dataset.x_test.astype(x_dtype),
         y_test=targets(dataset.y_test),
     ))  # fmt: skip
 
@@ -229,108 +142,79 @@ def run_keys(config: Config) -> tuple[Array, Array]:
 
 
 def init_state(config: Config, sizes: tuple[int, ...], place: Placement) -> TrainState:
-    """Glorot-uniform parameters from the seed, a fresh optimizer state, step 0; placed."""
-    params = init_params(run_keys(config)[0], sizes, jnp.dtype(config.dtype))
-    state = TrainState(params, make_optimizer(config).init(params), np.zeros((), np.int32))
-    return place.put(state)
+    """Parameters and feedback matrices from the seed, a fresh optimizer state, step 0; placed.
+
+    Glorot-uniform W, zero b (``init_params``); the rule's B (``init_feedback``,
+    from the same init key, an independent stream). Under kp the optimizer
+    state covers the pair (params, feedback).
+    """
+    init_key = run_keys(config)[0]
+    dtype = jnp.dtype(config.param_dtype)
+    params = init_params(init_key, sizes, dtype)
+    feedback = init_feedback(init_key, sizes, config.feedback, dtype)
+    learned = (params, feedback) if config.feedback == "kp" else params
+    opt_state = make_optimizer(config).init(learned)
+    return place.put(TrainState(params, opt_state, np.zeros((), np.int32), feedback))
 
 
 def checkpoint_meta(config: Config, sizes: tuple[int, ...]) -> dict[str, Any]:
     """What a checkpoint must match to be restored into this run."""
     return {"sizes": list(sizes), "dtype": config.dtype, "optimizer": config.optimizer,
-            "activation": config.activation, "loss": config.loss}  # fmt: skip
+            "activation": config.activation, "loss": config.loss,
+            "feedback": config.feedback}  # fmt: skip
 
 
 class EpochProgram:
-    """The epoch, jitted (state donated) and compiled ahead of time, with a trace count."""
+    """The epoch (or one chunk of it), jitted (state donated), compiled ahead of time.
+
+    ``chunk_steps`` steps per call, the chunk's first step an argument, so the
+    chunks of ``--eval_every_steps`` share one compiled program; ``traces``
+    counts compilations. ``jitted`` and ``args`` are the program before
+    compilation (``jax.export`` takes them to lower it for other platforms).
+    """
 
     def __init__(self, config: Config, place: Placement, state: TrainState, data: TrainData,
                  classify: bool):  # fmt: skip
         self.traces = 0
         self.config, self.place, self.classify = config, place, classify
+        self.steps_per_epoch = data.x_train.shape[0] // config.batch
+        self.chunk_steps = config.eval_every_steps or self.steps_per_epoch
+        if self.steps_per_epoch % self.chunk_steps:
+            n = self.steps_per_epoch
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
+            raise ConfigError(
+                f"--eval_every_steps={config.eval_every_steps} does not divide the"
+                f" {self.steps_per_epoch} steps of an epoch into equal chunks: use one of"
+                f" {', '.join(map(str, divisors))}"
+            )
         self.data_key = run_keys(config)[1]
         t0 = time.perf_counter()
-        key = jax.random.fold_in(self.data_key, 0)
-        jitted = jax.jit(self._epoch, donate_argnums=0)
-        self.compiled = jitted.lower(state, data.x_train, data.y_train, key).compile()
+        self.jitted = jax.jit(self._chunk, donate_argnums=0)
+        args = (state, data.x_train, data.y_train, jax.random.fold_in(self.data_key, 0),
+                np.zeros((), np.int32))  # fmt: skip
+        self.compiled = self.jitted.lower(*args).compile()
+        self.args = jax.tree.map(_abstract, args)  # shapes only: the state is donated later
         self.compile_s = time.perf_counter() - t0
 
-    def _epoch(self, state, x, y, key):
+    def _chunk(self, state, x, y, key, first):
         self.traces += 1  # runs at trace time only: counts compilations
         config = self.config
         step_fn = functools.partial(
-            train_step, grad=make_grad(config, self.place.mesh), optimizer=make_optimizer(config),
-            loss=config.loss, classify=self.classify,
+            train_step, grad=make_grad(config, self.place.mesh), loss=config.loss,
+            optimizer=make_optimizer(config, self.steps_per_epoch), classify=self.classify,
+            kp_decay=config.kp_decay if config.feedback == "kp" else None,
         )  # fmt: skip
-        return run_epoch(state, x, y, key, step_fn=step_fn, batch=config.batch, place=self.place)
+        return run_steps(state, x, y, key, first, step_fn=step_fn, batch=config.batch,
+                         steps=self.chunk_steps, place=self.place)  # fmt: skip
 
-    def __call__(self, state: TrainState, data: TrainData, epoch: int):
+    def __call__(self, state: TrainState, data: TrainData, epoch: int, chunk: int = 0):
         key = jax.random.fold_in(self.data_key, epoch)
-        return self.compiled(state, data.x_train, data.y_train, key)
+        first = np.asarray(chunk * self.chunk_steps, np.int32)
+        return self.compiled(state, data.x_train, data.y_train, key, first)
 
 
-def all_finite(params: Params) -> Array:
-    """One boolean: every parameter is finite (checked before a checkpoint is written)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-
-
-def check_health(config: Config, epoch: int, state: TrainState, steps: dict[str, np.ndarray],
-                 test: dict[str, Any], start_loss: float, run: RunDir) -> None:  # fmt: skip
-    """Stops a run that broke in ``epoch`` before its state is saved or called good.
-
-    Raises TrainingError when a step's loss is not finite; when the parameters
-    (or the test loss) are not, which a blow-up in the epoch's last update
-    leaves behind with every step's loss finite; or when the epoch's train or
-    test loss exceeds ``config.divergence_factor`` times ``start_loss``, the
-    test loss of the initial parameters (a run that diverges without ever
-    reaching inf: lr far too large).
-    """
-    losses = steps["loss_sum"] / config.batch
-    train_loss, test_loss = float(np.mean(losses)), float(test["loss"])
-    factor = config.divergence_factor
-    if not np.all(np.isfinite(losses)):
-        bad = int(np.argmax(~np.isfinite(losses)))
-        what = (f"the loss became {losses[bad]} at epoch {epoch}, step "
-                f"{int(state.step) - len(losses) + bad + 1} (step {bad + 1} of the epoch)")
-    elif not (test["finite"] and np.isfinite(test_loss)):
-        what = (f"the parameters stopped being finite at the end of epoch {epoch} (test loss"
-                f" {test_loss})")  # fmt: skip
-    elif factor and max(train_loss, test_loss) > factor * start_loss:
-        which, value = ("train", train_loss) if train_loss > test_loss else ("test", test_loss)
-        what = (f"the {which} loss grew to {value:.4g} at epoch {epoch}, more than {factor:g}x"
-                f" the loss at the start ({start_loss:.4g}; --divergence_factor={factor:g})")
-    else:
-        return
-    last = run.last_checkpoint()
-    run.event("stopped", epoch=epoch, reason=what)
-    raise TrainingError(
-        f"{what}; stopped. The last good checkpoint is "
-        + (f"epoch {last} in {run.manager.directory}" if last else "none (no epoch finished)")
-        + f". Lower --lr (now {config.lr:g}) or check the data"
-    )
-
-
-def epoch_record(
-    epoch: int, state: TrainState, steps: dict[str, np.ndarray], batch: int,
-    test: dict[str, Any], epoch_s: float, elapsed_s: float,
-) -> dict[str, Any]:  # fmt: skip
-    """The metrics of one epoch (see ``bpjax.rundir`` for each key).
-
-    ``steps`` holds each step's summed loss and correct count over its ``batch``
-    samples: the train metrics average over the samples the epoch saw.
-    """
-    seen = steps["loss_sum"].shape[0] * batch
-    return {
-        "epoch": epoch,
-        "step": int(state.step),
-        "train_loss": float(np.sum(steps["loss_sum"]) / seen),
-        "train_accuracy": float(np.sum(steps["correct"]) / seen) if "correct" in steps else None,
-        "test_loss": float(test["loss"]),
-        "test_accuracy": float(test["accuracy"]) if "accuracy" in test else None,
-        "samples_per_s": seen / epoch_s,
-        "epoch_s": epoch_s,
-        "elapsed_s": elapsed_s,
-    }
+def _abstract(a: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=getattr(a, "sharding", None))
 
 
 def describe(config: Config, dataset: Dataset, data: TrainData, place: Placement,
@@ -368,7 +252,9 @@ def train(
       path, an early stop included (``interrupted``).
     """
     x64 = jax.enable_x64(True) if config.dtype == "float64" else contextlib.nullcontext()
-    with x64, _out_of_memory_as_error(config):
+    precision = (contextlib.nullcontext() if config.matmul_precision == "default"
+                 else jax.default_matmul_precision(config.matmul_precision))  # fmt: skip
+    with x64, precision, _out_of_memory_as_error(config):
         place = Placement.for_config(config)
         quiet = log is None or not place.is_main  # only process 0 logs
         with RunDir.open(config, log=(lambda _: None) if quiet else log,
@@ -378,46 +264,65 @@ def train(
 
 def _train_epochs(config: Config, dataset: Dataset | None, place: Placement, run: RunDir,
                   stop: Callable[[], bool]) -> TrainResult:  # fmt: skip
+    """The recipe: data, state (fresh or resumed), program; then epochs until done."""
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
     data = prepare_data(dataset, config, place)
     classify = dataset.num_classes is not None
     sizes = (data.x_train.shape[1], *config.hidden, data.y_train.shape[1])
     meta = checkpoint_meta(config, sizes)
-    evaluate_fn = jax.jit(lambda params, x, y: {
-        **evaluate(params, x, y, activation=config.activation, loss=config.loss,
-                   classify=classify), "finite": all_finite(params)})  # fmt: skip
+    measure = Evaluator(config, data, classify)
     initial = init_state(config, sizes, place)
-    start_loss = float(evaluate_fn(initial.params, data.x_test, data.y_test)["loss"])
+    start_loss = float(measure(initial)["loss"])
     state, start = run.resume(initial, meta)
     state = place.put_restored(state) if start else state
     run.start(sizes)
     run.log(describe(config, dataset, data, place, run.workdir))
-    epoch_fn = EpochProgram(config, place, state, data, classify)
-    run.log(f"compiled the epoch in {epoch_fn.compile_s:.2f}s")
+    program = EpochProgram(config, place, state, data, classify)
+    run.log(f"compiled the epoch in {program.compile_s:.2f}s")
+    run.intervals_per_epoch = program.steps_per_epoch // program.chunk_steps
     if start >= config.epochs:
         run.log(f"the run already finished its {start} epochs: pass --epochs=N to extend it")
-    t_loop, epoch = time.perf_counter(), start
-    while epoch < config.epochs and not stop():
+    t_loop, epoch, target = time.perf_counter(), start, None
+    while epoch < config.epochs and not stop() and target is None:
         epoch += 1
-        t_epoch = time.perf_counter()
-        new_state, steps = epoch_fn(state, data, epoch)
-        steps = jax.device_get(steps)
-        epoch_s = time.perf_counter() - t_epoch
-        test = jax.device_get(evaluate_fn(new_state.params, data.x_test, data.y_test))
-        check_health(config, epoch, new_state, steps, test, start_loss, run)
-        state = new_state
-        record = epoch_record(epoch, state, steps, config.batch, test, epoch_s, run.elapsed_s())
-        run.end_epoch(state, record, meta)
-    interrupted = epoch < config.epochs
+        state, target = _epoch(config, program, measure, state, data, epoch, start_loss, run,
+                               meta)  # fmt: skip
+    interrupted = target is None and epoch < config.epochs
     if interrupted and epoch > run.saved_epoch:
         run.save(epoch, state, meta)  # the last completed epoch, checkpointed before leaving
-    run.event("interrupted" if interrupted else "finished", epoch=epoch)
+    run.event("interrupted" if interrupted else "target_reached" if target else "finished",
+              **(target or {"epoch": epoch}))  # fmt: skip
     if run.history and not interrupted:
-        run.log(run.summary(time.perf_counter() - t_loop))
-    params = jax.device_get(state.params)
-    return TrainResult(params, run.history, run.workdir, epoch_fn.traces, interrupted)
+        run.log(run.summary(time.perf_counter() - t_loop, target))
+    params, feedback = jax.device_get((state.params, state.feedback))
+    return TrainResult(params, run.history, run.workdir, program.traces, interrupted, feedback,
+                       target)  # fmt: skip
 
+
+def _epoch(config: Config, program: EpochProgram, measure: Evaluator, state: TrainState,
+           data: TrainData, epoch: int, start_loss: float, run: RunDir,
+           meta: dict[str, Any]) -> tuple[TrainState, dict[str, Any] | None]:  # fmt: skip
+    """One epoch in its chunks, each evaluated, checked, recorded; stops at a target."""
+    chunks = program.steps_per_epoch // program.chunk_steps
+    for chunk in range(chunks):
+        t0 = time.perf_counter()
+        new_state, steps = program(state, data, epoch, chunk)
+        steps = jax.device_get(steps)
+        seconds = {"epoch_s": time.perf_counter() - t0}
+        test = measure(new_state)
+        at = epoch - 1 + (chunk + 1) / chunks
+        check_health(config, at, new_state, steps, test, start_loss, run)
+        state = new_state
+        seconds |= {"train_s": run.add_train_s(seconds["epoch_s"]), "elapsed_s": run.elapsed_s()}
+        record = interval_record(at, state, steps, config.batch, test, seconds)
+        reached = target_reached(config, record)
+        if config.target_accuracy is not None or config.target_loss is not None:
+            record["target_reached"] = reached
+        run.end_interval(state, record, meta, epoch_end=chunk == chunks - 1)
+        if reached:
+            return state, {k: record[k] for k in ("epoch", "step", "train_s", "elapsed_s")}
+    return state, None
 
 @contextlib.contextmanager
 def _out_of_memory_as_error(config: Config) -> Iterator[None]:

@@ -25,6 +25,12 @@ under a single ``jax.jit`` (``packed_jit``), compiled with LLVM's optimisation
 off. Eager op-by-op dispatch compiles every primitive separately and an eager
 ``lax.scan`` recompiles on every call, which measured slower than jit, so only
 the dedicated jit-vs-eager test runs eagerly.
+
+Precision. Every test here runs with ``jax.default_matmul_precision("highest")``
+(``pytestmark`` below, the ``highest_matmul_precision`` fixture of
+``conftest.py``): on A100/H100 GPUs float32 products default to TF32 and on TPUs
+to bfloat16 passes, and the float32 tolerances below hold for exact float32
+products only. float64 products are unaffected.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ import pytest
 from jax.test_util import check_grads
 
 import bpjax
+
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # float32 exact on GPU/TPU
 
 ACTIVATIONS = tuple(bpjax.ACTIVATIONS)
 LOSSES = tuple(bpjax.LOSSES)
@@ -58,7 +66,7 @@ RTOL64, ATOL64 = 1e-10, 1e-12
 # covers that 20x over; atol 1e-5 covers entries that cancel to near zero,
 # whose *relative* error is unbounded. A 1% planted error is still 100x over.
 # On GPU, float32 matmuls may default to TF32 (eps ~ 1e-3), hence the
-# "highest" matmul precision wherever float32 is compared.
+# "highest" matmul precision for this whole module (``pytestmark``).
 RTOL32, ATOL32 = 1e-4, 1e-5
 
 # Grid networks, keyed by depth L (the number of weight layers). Widths of 1
@@ -280,13 +288,12 @@ def test_float32_matches_float64_reference():
 
     with jax.enable_x64(True):
         references = packed_jit(reference, FLOAT32_COMBOS, to_jax(problems, jnp.float64))
-    with jax.default_matmul_precision("highest"):
-        problems32 = to_jax(problems, jnp.float32)
-        results = packed_jit(
-            lambda activation, loss, *problem: all_routes(*problem, activation, loss),
-            FLOAT32_COMBOS,
-            problems32,
-        )
+    problems32 = to_jax(problems, jnp.float32)
+    results = packed_jit(
+        lambda activation, loss, *problem: all_routes(*problem, activation, loss),
+        FLOAT32_COMBOS,
+        problems32,
+    )
     for combo, (params, _, _), expected, (_, routes) in zip(
         FLOAT32_COMBOS, problems32, references, results, strict=True
     ):
@@ -310,9 +317,8 @@ def test_jit_matches_eager():
         # The same float64 arithmetic, possibly fused or reordered by XLA.
         assert_trees_close(jax.jit(manual)(*args), manual(*args), rtol=1e-12, atol=1e-14)
     args = to_jax(problem, jnp.float32)
-    with jax.default_matmul_precision("highest"):
-        # A few float32 ulps (eps 1.2e-7) from fusion and reassociation.
-        assert_trees_close(jax.jit(manual)(*args), manual(*args), rtol=1e-5, atol=1e-6)
+    # A few float32 ulps (eps 1.2e-7) from fusion and reassociation.
+    assert_trees_close(jax.jit(manual)(*args), manual(*args), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------ 3. per-example

@@ -7,6 +7,11 @@ proved in ``test_formulas.py``; this file proves the wiring. As there, XLA
 compilation is the cost: all methods of one case share one compilation, and
 error paths are traced with ``jax.eval_shape`` (an error raised while tracing
 is the error a user sees, jitted or not), which compiles nothing.
+
+Precision. Every test here runs with ``jax.default_matmul_precision("highest")``
+(``pytestmark`` below, the ``highest_matmul_precision`` fixture of
+``conftest.py``), so a float32 comparison holds on GPU (TF32 by default) and TPU
+too; bfloat16 mixed precision is ``test_precision.py``'s.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import pytest
 
 import bpjax
 from bpjax import methods
+
+pytestmark = pytest.mark.usefixtures("highest_matmul_precision")  # float32 exact on GPU/TPU
 
 # As in test_formulas.py: float64 rounding is ~1e-16 per operation.
 RTOL64, ATOL64 = 1e-10, 1e-12

@@ -126,8 +126,19 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     assert float(accuracy.group(1)) > 85.0, accuracy.group(0)
     assert "traces (compilations) of the epoch function: 1" in text
 
+    fa = re.search(
+        rf"feedback alignment: test accuracy ({_NUM})% \(bp ({_NUM})%\), hidden-layer update "
+        rf"angle to the true gradient ({_NUM})° \(epoch 1: ({_NUM})°\), W-vs-B angle ({_NUM})°",
+        text,
+    )
+    assert fa, "the feedback-alignment summary line is missing"
+    fa_acc, bp_acc, angle, first_angle, weight_angle = map(float, fa.groups())
+    assert fa_acc > 80.0 and bp_acc > 85.0, fa.group(0)
+    # Below 90°: FA's hidden-layer update is a descent direction; falling: W aligns with B.
+    assert 0 < angle < first_angle < 90 and 0 < weight_angle < 90, fa.group(0)
+
     figures = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(figures) >= 2, "expected the training curves and the sweep plot"
+    assert len(figures) >= 3, "expected the training curves, the sweep plot and the FA figure"
     for method in ("manual", "autodiff", "manual_vmap", "per_sample"):
         row = rf"^\S+\s+{method}\s+256\s+1 ok\b"  # platform method batch devices status
         assert re.search(row, text, re.M), f"no sweep row for {method}"

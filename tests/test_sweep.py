@@ -5,7 +5,13 @@ once for the module and then inspected: it writes JSON, CSV and PNG, every row
 has every field, each (method, batch) compiled exactly once. The NumPy
 baseline, which follows the first document's code, is checked against
 ``bpjax.manual_grad`` in float64: it is timed beside the JAX methods, so it
-must compute the same gradient.
+must compute the same gradient. A bfloat16 sweep is the training loop's mixed
+precision (float32 params and update, bfloat16 products), and the sweep's
+``matmul_precision`` reaches every compilation, isolated workers included.
+
+Precision. The tests that compare float32 steps tightly (with ``manual_grad``,
+with torch) use the ``highest_matmul_precision`` fixture of ``conftest.py``:
+float32 products are TF32 on GPUs by default.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import pytest
 from absl import flags
 
 import bpjax
+import bpjax.config
 from bpjax import cli
+from bpjax.bench import measure
 from bpjax.bench import sweep as sweep_module
 from bpjax.bench.peers import make_torch_step, numpy_grads, torch_available
 from bpjax.bench.report import (
@@ -72,6 +80,7 @@ def test_sweep_rows_cover_every_configuration(sweep):
     for r in rows:
         assert isinstance(r, Row) and tuple(f.name for f in dataclasses.fields(r)) == ROW_FIELDS
         assert r.platform == "cpu" and r.sizes == "16-8-4" and r.dtype == "float32"
+        assert r.matmul_precision == "default"
     with pytest.raises(dataclasses.FrozenInstanceError):
         rows[0].median_s = 0.0  # a row is written once
 
@@ -116,6 +125,8 @@ def test_sweep_writes_json_csv_png(sweep):
     for key in ("device_kind", "jax_version", "jaxlib_version", "XLA_FLAGS", "cpu_count", "date"):
         assert key in device
     assert payload["meta"]["config"]["sizes"] == list(config.sizes)
+    assert payload["meta"]["matmul_precision"] == "default"  # in effect; and the global:
+    assert "jax_default_matmul_precision" in device
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.listdir(config.out_dir) if n.endswith(".tmp")]
@@ -155,6 +166,7 @@ def test_derive_adds_columns_from_measurements_alone():
     assert Measurement.from_dict(json.loads(json.dumps(measured[0].to_dict()))) == measured[0]
 
 
+@pytest.mark.usefixtures("highest_matmul_precision")
 def test_sgd_step_is_the_training_step_with_sgd():
     """One step of the sweep equals W -= lr * manual_grad, with the training loop's metrics."""
     sizes, lr = (5, 4, 3), 0.1
@@ -170,6 +182,39 @@ def test_sgd_step_is_the_training_step_with_sgd():
     once, _ = step(sgd_state(jax.tree.map(jnp.copy, params)), x, y)
     for got, want in zip(jax.tree.leaves(once.params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_sgd_step_in_bfloat16_is_the_mixed_precision_step():
+    """float32 params in and out; the update is W -= lr * grad_fn(compute_dtype="bfloat16")."""
+    sizes, lr = (5, 4, 3), 0.1
+    config = dataclasses.replace(TINY, sizes=sizes, dtype="bfloat16", lr=lr)
+    params = jax.tree.map(jnp.asarray, measure.host_params(config))
+    x, y = measure._data(config, 6)
+    assert {p.dtype for p in jax.tree.leaves(params)} == {np.dtype("float32")}  # master copy
+    assert (x.dtype, y.dtype) == (jnp.bfloat16, np.float32)
+    grads, _ = jax.jit(bpjax.grad_fn("manual", compute_dtype="bfloat16"))(params, x, y)
+    step, _ = sgd_step("manual", activation="relu", loss="softmax_cross_entropy", lr=lr,
+                       compute_dtype="bfloat16")  # fmt: skip
+    state, metrics = step(sgd_state(jax.tree.map(jnp.copy, params)), x, y)
+    assert metrics["loss_sum"].dtype == jnp.float32
+    for got, p, g in zip(*map(jax.tree.leaves, (state.params, params, grads)), strict=True):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, p - lr * g, rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_sweep_rows_and_metadata(tmp_path):
+    config = dataclasses.replace(TINY, batches=(4,), methods=("manual", "autodiff"),
+                                 dtype="bfloat16", matmul_precision="highest",
+                                 out_dir=str(tmp_path))  # fmt: skip
+    rows = run_sweep(config, log=None)
+    assert {r.method for r in rows} == {"manual", "autodiff"}  # no host peer in bfloat16
+    for r in rows:
+        assert r.status == "ok", r.reason
+        assert (r.dtype, r.matmul_precision) == ("bfloat16", "highest")
+        assert r.roofline_s > 0 and r.matmul_peak_gflops > 0  # both in bfloat16
+    meta = sweep_metadata(config)
+    assert meta["matmul_precision"] == "highest" and meta["config"]["dtype"] == "bfloat16"
+    assert config.param_dtype == "float32" and TINY.param_dtype == "float32"
 
 
 def test_numpy_baseline_gradient_equals_manual_grad_float64():
@@ -197,6 +242,7 @@ def test_numpy_baseline_gradient_equals_manual_grad_float64():
         check(planted)
 
 
+@pytest.mark.usefixtures("highest_matmul_precision")
 def test_torch_peer_step_matches_manual_sgd_step():
     # torch is in the dev extra: a missing torch fails here instead of skipping.
     assert torch_available(), "torch is missing: pip install -e '.[dev]' installs torch==2.13.0"
@@ -231,6 +277,9 @@ def test_config_validates():
         SweepConfig(sizes=(16,))
     with pytest.raises(ConfigError, match="max_batch_per_method"):
         SweepConfig(max_batch_per_method={"nope": 4})
+    with pytest.raises(ConfigError, match="matmul_precision"):
+        SweepConfig(matmul_precision="fastest")
+    assert sweep_module.DTYPES is bpjax.config.DTYPES  # one list: a training run's dtypes
     hash(TINY)  # frozen and hashable, dicts turned into tuples
     assert TINY.max_batch("per_sample") == 1 and TINY.max_batch("manual") is None
     assert SweepConfig(peers=()).peers == ()  # no peers at all is a valid sweep
@@ -284,6 +333,22 @@ def test_isolated_worker_runs_with_the_parents_jax_settings(monkeypatch):
         with pytest.raises(RuntimeError, match="worker ran with JAX settings"):
             sweep_module._run_isolated(dataclasses.replace(config, dtype="float32"), "cpu", 2,
                                        "manual")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_isolated_worker_compiles_under_the_sweeps_matmul_precision(monkeypatch):
+    """The config travels whole: the worker's row says it compiled under "high"."""
+    config = dataclasses.replace(TINY, dtype="bfloat16", matmul_precision="high", peers=(),
+                                 isolate="always")  # fmt: skip
+    measured = sweep_module._run_isolated(config, "cpu", 2, "manual")
+    assert measured.status == "ok", measured.reason
+    assert measured.matmul_precision == "high"
+    # Negative control: a worker that loses the field is caught, not mislabelled.
+    dropping = ("import json, sys; from bpjax.bench import sweep; job = json.loads("
+                "sys.stdin.read()); job['config'].pop('matmul_precision'); sweep._work(job)")
+    monkeypatch.setattr(sweep_module, "_WORKER", dropping)
+    with pytest.raises(RuntimeError, match="compiled under matmul precision 'default'"):
+        sweep_module._run_isolated(config, "cpu", 2, "manual")
 
 
 @pytest.mark.slow

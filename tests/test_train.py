@@ -64,7 +64,7 @@ def test_metrics_and_config_files(tmp_path):
     lines = read_metrics(str(workdir))
     assert lines == result.history
     keys = {"epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-            "samples_per_s", "epoch_s", "elapsed_s"}
+            "samples_per_s", "epoch_s", "train_s", "elapsed_s"}
     for m in lines:
         assert set(m) == keys
         assert 0 <= m["test_accuracy"] <= 1 and np.isfinite(m["train_loss"])
@@ -106,7 +106,7 @@ def test_a_resume_with_other_settings_is_refused(tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_naming_epoch_and_step(tmp_path):
-    with pytest.raises(TrainingError, match=r"the loss became nan at epoch 1, step \d+ .*last "
+    with pytest.raises(TrainingError, match=r"the loss became nan at epoch 1, step \d+; .*last "
                                             r"good checkpoint is none"):
         run(tmp_path, epochs=3, lr=1e30)
     assert not os.listdir(tmp_path / "run" / "checkpoints")
@@ -115,8 +115,8 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(tmp_path):
 def test_a_blow_up_in_the_last_update_of_an_epoch_is_never_saved(tmp_path):
     # One step per epoch: every step's loss is computed before its update, so all are
     # finite; the update makes the parameters inf. Nothing may be saved or called good.
-    with pytest.raises(TrainingError, match=r"parameters stopped being finite at the end of "
-                                            r"epoch 1 .*last good checkpoint is none"):
+    with pytest.raises(TrainingError, match=r"parameters stopped being finite by epoch 1, step 1"
+                                            r" .*last good checkpoint is none"):
         run(tmp_path, epochs=3, batch=96, lr=1e38)
     assert not os.listdir(tmp_path / "run" / "checkpoints")
     assert read_metrics(str(tmp_path / "run")) == []
@@ -196,7 +196,7 @@ def numpy_metrics(params, x, labels):
     return -np.mean(log_p[np.arange(len(labels)), labels]), np.mean(z.argmax(axis=1) == labels)
 
 
-def reference_run(data, *, epochs, batch, lr, seed=0, dp_clip=None, dp_noise=0.0):
+def reference_run(data, *, epochs, batch, lr, seed=0, dp_clip=None, dp_noise=0.0, noise=None):
     """Plain SGD written out from the documented contract, in float64.
 
     Keys: ``init_key, data_key = split(key(seed))``; epoch e shuffles with the first half of
@@ -233,6 +233,9 @@ def reference_run(data, *, epochs, batch, lr, seed=0, dp_clip=None, dp_noise=0.0
                 g = jax.tree.map(np.asarray, per_example(params, x[idx], y[idx]))
                 leaves, tree = jax.tree.flatten(g)
                 norms = np.sqrt(sum(np.sum(v.reshape(batch, -1) ** 2, axis=1) for v in leaves))
+                if noise is not None:  # S = mean |g_m|^2 and |G_M|^2, before the update
+                    noise.setdefault(epoch, []).append((np.mean(norms**2), sum(
+                        np.sum(np.mean(v, axis=0) ** 2) for v in leaves)))  # fmt: skip
                 c = np.ones(batch) if dp_clip is None else np.minimum(1.0, dp_clip / norms)
                 total = [np.tensordot(c, v, axes=1) for v in leaves]
                 if dp_noise:
@@ -267,6 +270,23 @@ def test_training_follows_an_independent_reference_loop(tmp_path, dp):
     planted[0]["b"][0] *= 1.01
     with pytest.raises(AssertionError):
         chex.assert_trees_all_close(result.params, planted, rtol=1e-9, atol=1e-12)
+
+
+def test_the_logged_noise_scale_is_mccandlish_from_the_epochs_average_statistics(tmp_path):
+    config = Config(workdir=str(tmp_path / "run"), hidden=(8,), batch=16, epochs=2, lr=0.3,
+                    dtype="float64", noise_scale=True)  # fmt: skip
+    result = train(config, dataset=TOY90, log=None)
+    noise = {}
+    params, _ = reference_run(TOY90, epochs=2, batch=16, lr=0.3, noise=noise)
+    chex.assert_trees_all_close(result.params, params, rtol=1e-9, atol=1e-12)  # same trajectory
+    m = 16
+    for record, epoch in zip(result.history, (1, 2), strict=True):
+        s_mean, g_mean = np.mean(noise[epoch], axis=0)  # averages of S and |G_M|^2 over steps
+        grad_sq = (m * g_mean - s_mean) / (m - 1)
+        trace = (s_mean - g_mean) * m / (m - 1)
+        np.testing.assert_allclose(record["grad_sq_norm"], grad_sq, rtol=1e-9)
+        np.testing.assert_allclose(record["trace_sigma"], trace, rtol=1e-9)
+        np.testing.assert_allclose(record["b_simple"], trace / grad_sq, rtol=1e-9)
 
 
 def test_test_metrics_come_from_the_returned_params_on_the_test_split(tmp_path):
@@ -333,3 +353,62 @@ def test_metrics_are_appended_one_line_per_epoch(tmp_path):
 def test_train_runs_silently_with_log_none(tmp_path, capsys):
     result = train(Config(workdir=str(tmp_path / "q"), **SMALL), dataset=TOY, log=None)
     assert len(result.history) == 2 and capsys.readouterr().out == ""
+
+
+# ------------------------------------------- evaluation cadence, targets, learning rates
+
+
+def test_evaluating_every_k_steps_keeps_the_trajectory(tmp_path):
+    per_epoch = run(tmp_path, "epoch", epochs=3, dtype="float64", optimizer="momentum")
+    chunked = run(tmp_path, "chunks", epochs=3, dtype="float64", optimizer="momentum",
+                  eval_every_steps=2)  # 6 steps per epoch: 3 evaluations each
+    chex.assert_trees_all_equal(chunked.params, per_epoch.params)
+    assert chunked.traces == 1  # one program for every chunk
+    assert [m["epoch"] for m in chunked.history] == pytest.approx(
+        [1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2, 7 / 3, 8 / 3, 3], abs=1e-6)
+    assert [m["step"] for m in chunked.history] == list(range(2, 19, 2))
+    ends = [m for m in chunked.history if isinstance(m["epoch"], int)]
+    for a, b in zip(ends, per_epoch.history, strict=True):
+        assert a["test_loss"] == b["test_loss"] and a["step"] == b["step"]
+    with pytest.raises(ConfigError, match=r"--eval_every_steps=4 does not divide the 6 steps of"
+                                          r" an epoch into equal chunks: use one of 1, 2, 3, 6"):
+        run(tmp_path, "bad", eval_every_steps=4)
+
+
+def test_a_target_stops_the_run_and_records_where(tmp_path):
+    result = run(tmp_path, epochs=30, eval_every_steps=3, target_accuracy=0.9)
+    target, last = result.target, result.history[-1]
+    assert target is not None and last["target_reached"] and last["test_accuracy"] >= 0.9
+    assert not any(m["target_reached"] for m in result.history[:-1])
+    assert (target["epoch"], target["step"]) == (last["epoch"], last["step"])
+    assert target["step"] < 180  # before the 30 epochs of 6 steps
+    assert 0 < target["train_s"] <= target["elapsed_s"]
+    _, accuracy = numpy_metrics(result.params, TOY.x_test, TOY.y_test)  # the params at the target
+    assert accuracy == pytest.approx(last["test_accuracy"])
+    events = [json.loads(x) for x in open(tmp_path / "run" / "events.jsonl")]
+    assert events[-1]["event"] == "target_reached" and events[-1]["step"] == target["step"]
+
+
+def test_learning_rate_scaling_and_schedules():
+    from bpjax.train import learning_rate
+
+    assert Config(batch=512, lr=0.1, lr_scaling="linear").peak_lr == pytest.approx(0.4)
+    assert Config(batch=512, lr=0.1, lr_scaling="sqrt").peak_lr == pytest.approx(0.2)
+    assert Config(batch=512, lr=0.1).peak_lr == 0.1
+    schedule = learning_rate(Config(lr=0.2, epochs=10, lr_schedule="warmup_cosine",
+                                    warmup_epochs=2), steps_per_epoch=10)  # fmt: skip
+    assert [float(schedule(s)) for s in (0, 10, 20, 100)] == pytest.approx([0, 0.1, 0.2, 0])
+    cosine = learning_rate(Config(lr=0.2, epochs=10, lr_schedule="cosine"), steps_per_epoch=10)
+    assert float(cosine(50)) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"--warmup_epochs=1\.0 needs a warm-up schedule"):
+        Config(warmup_epochs=1.0)
+
+
+def test_a_scheduled_run_trains_and_cannot_be_stretched_on_resume(tmp_path):
+    run(tmp_path, epochs=2, lr_schedule="warmup_cosine", warmup_epochs=1.0, lr=0.3)
+    with pytest.raises(ConfigError, match=r"--epochs: recorded 2, given 4"):
+        run(tmp_path, epochs=4, lr_schedule="warmup_cosine", warmup_epochs=1.0, lr=0.3,
+            resume=True)
+    resumed = run(tmp_path, epochs=2, lr_schedule="warmup_cosine", warmup_epochs=1.0, lr=0.3,
+                  resume=True)  # fmt: skip
+    assert resumed.history[-1]["epoch"] == 2

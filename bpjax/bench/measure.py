@@ -11,6 +11,12 @@ timing is an error, and so is a step compiled or traced other than once), and
 the host peers after them, each apart, so their thread pools (OpenBLAS,
 OpenMP) never spin while XLA is timed. Last, one ``report.Measurement`` per
 method, built once from what was measured.
+
+Everything is traced and compiled under the sweep's ``matmul_precision``
+(``timing.matmul_precision_scope``), and each record says which precision was in
+effect. A bfloat16 sweep is the mixed precision of ``bpjax.methods``: float32
+params and update, x in bfloat16, y in float32, the step's products (and the
+roofline's) in bfloat16.
 """
 
 from __future__ import annotations
@@ -26,7 +32,14 @@ from bpjax import parallel
 from bpjax.bench.peers import PEER_STEPS, PEERS, HostParams
 from bpjax.bench.report import Measurement
 from bpjax.bench.steps import gemm_only_args, gemm_only_fn, sgd_state, sgd_step
-from bpjax.bench.timing import COMPILES, Timing, compare_fns, compile_fn, peak_memory_bytes
+from bpjax.bench.timing import (
+    COMPILES,
+    Timing,
+    compare_fns,
+    compile_fn,
+    matmul_precision_scope,
+    peak_memory_bytes,
+)
 from bpjax.network import init_params
 
 if TYPE_CHECKING:
@@ -59,14 +72,18 @@ class _Timed:
 def _data(config: SweepConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([config.seed, batch])
     x = rng.standard_normal((batch, config.sizes[0])).astype(config.dtype)
-    y = np.eye(config.sizes[-1], dtype=config.dtype)[rng.integers(0, config.sizes[-1], batch)]
+    labels = rng.integers(0, config.sizes[-1], batch)
+    y = np.eye(config.sizes[-1], dtype=config.param_dtype)[labels]  # float32 under bfloat16
     return x, y
 
 
 def host_params(config: SweepConfig) -> HostParams:
-    """The initial parameters of ``config``, on the host; each configuration places a copy."""
+    """The initial parameters of ``config`` (float32 under bfloat16), on the host.
+
+    Each configuration places a copy.
+    """
     with jax.default_device(jax.devices("cpu")[0]):
-        params = init_params(jax.random.key(config.seed), config.sizes, config.dtype)
+        params = init_params(jax.random.key(config.seed), config.sizes, config.param_dtype)
     return [{k: np.asarray(v) for k, v in p.items()} for p in params]
 
 
@@ -87,7 +104,8 @@ def _is_oom(err: BaseException) -> bool:
 def _compile_step(config: SweepConfig, method: str, devices: Sequence[jax.Device],
                   params: HostParams, x: np.ndarray, y: np.ndarray) -> _Entry:  # fmt: skip
     place = _placement(devices)
-    step, traces = sgd_step(method, activation=config.activation, loss=config.loss, lr=config.lr)
+    step, traces = sgd_step(method, activation=config.activation, loss=config.loss, lr=config.lr,
+                            compute_dtype=config.dtype)  # fmt: skip
     args = place(sgd_state(params), x, y)
     compiled, compile_s, n_compiles = compile_fn(step, *args)
     temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
@@ -95,6 +113,15 @@ def _compile_step(config: SweepConfig, method: str, devices: Sequence[jax.Device
     args = place(sgd_state(params), x, y)  # the probe consumed the donated state
     return _Entry(fn=compiled, args=args, compile_s=compile_s, n_compiles=n_compiles,
                   traces=traces, xla_temp_bytes=temp)  # fmt: skip
+
+
+def _peer_step(config: SweepConfig, method: str, device: jax.Device, params: HostParams,
+               x: np.ndarray, y: np.ndarray) -> Callable[[], None]:  # fmt: skip
+    """A peer's step: on the host, or (PyTorch) on the CUDA device the JAX methods use."""
+    if method == "torch" and device.platform == "gpu":
+        return PEER_STEPS["torch"](params, x, y, config.lr, device="cuda", dtype=config.dtype,
+                                   matmul_precision=config.matmul_precision)  # fmt: skip
+    return PEER_STEPS[method](params, x, y, config.lr)
 
 
 def _compile_entry(config: SweepConfig, method: str, devices: Sequence[jax.Device],
@@ -106,9 +133,9 @@ def _compile_entry(config: SweepConfig, method: str, devices: Sequence[jax.Devic
     if batch % len(devices):
         return _Entry("skipped", f"batch does not divide over {len(devices)} devices")
     try:
-        if method in PEERS:  # host code: nothing to compile
-            return _Entry(fn=PEER_STEPS[method](params, x, y, config.lr), compile_s=0.0,
-                          n_compiles=0, traces=(0,))  # fmt: skip
+        if method in PEERS:  # not JAX: nothing to compile
+            return _Entry(fn=_peer_step(config, method, devices[0], params, x, y),
+                          compile_s=0.0, n_compiles=0, traces=(0,))  # fmt: skip
         return _compile_step(config, method, devices, params, x, y)
     except Exception as err:  # any failure becomes the entry; the sweep goes on
         first_line = (str(err).splitlines() or [""])[0][:300]
@@ -171,8 +198,9 @@ def measure_batch(
     allocator's peak (true per configuration only in a process of its own).
     """
     x, y = _data(config, batch)
-    entries = {m: _compile_entry(config, m, devices, params, x, y) for m in methods}
-    timed = _time_entries(config, devices, batch, entries)
+    with matmul_precision_scope(config.matmul_precision) as precision:
+        entries = {m: _compile_entry(config, m, devices, params, x, y) for m in methods}
+        timed = _time_entries(config, devices, batch, entries)
     peak = peak_memory_bytes(devices[0]) if read_peak_memory else None
     return [
         Measurement(
@@ -181,7 +209,7 @@ def measure_batch(
             timing=timed.timings.get(m), compile_s=e.compile_s, n_compiles=e.n_compiles,
             n_traces=e.traces[0] if e.traces else None, xla_temp_bytes=e.xla_temp_bytes,
             peak_memory_bytes=peak, roofline_s=timed.roofline_s,
-            paired_ratio_to_autodiff=timed.paired.get(m),
+            paired_ratio_to_autodiff=timed.paired.get(m), matmul_precision=precision,
         )
         for m, e in entries.items()
     ]

@@ -82,30 +82,48 @@ def torch_available() -> bool:
     return True
 
 
+def torch_cuda_available() -> bool:
+    """PyTorch is importable and sees a CUDA device (the GPU peer)."""
+    if not torch_available():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def make_torch_step(
-    params: HostParams, x_rows: np.ndarray, y_rows: np.ndarray, lr: float, device: str = "cpu"
+    params: HostParams, x_rows: np.ndarray, y_rows: np.ndarray, lr: float, device: str = "cpu",
+    dtype: str = "float32", matmul_precision: str = "default",
 ) -> Callable[[], None]:
     """PyTorch autograd peer: same network, ``torch.nn.functional``, SGD; ``() -> None``.
 
-    ``step.params`` holds the ``(W, b)`` tensors it updates in place.
+    ``step.params`` holds the ``(W, b)`` tensors it updates in place. On
+    ``device="cuda"``: ``dtype="bfloat16"`` runs the products under
+    ``torch.autocast`` (float32 master weights, as bpjax's mixed precision), and
+    float32 products use TF32 unless ``matmul_precision="highest"``, matching what
+    JAX does on the same GPU at each precision setting.
     """
     import torch
     from torch.nn import functional
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = matmul_precision != "highest"
     ws = [torch.tensor(np.array(p["W"]), device=device, requires_grad=True) for p in params]
     bs = [torch.tensor(np.array(p["b"]), device=device, requires_grad=True) for p in params]
-    x = torch.tensor(x_rows, device=device)
+    x = torch.tensor(np.asarray(x_rows, np.float32), device=device)
     labels = torch.tensor(np.argmax(y_rows, axis=1), device=device)
     leaves = [t for pair in zip(ws, bs, strict=True) for t in pair]
+    autocast = dtype == "bfloat16" and device != "cpu"
 
     def step():
-        a = x
-        for l, (W, b) in enumerate(zip(ws, bs, strict=True)):
-            a = functional.linear(a, W, b)
-            if l < len(ws) - 1:
-                a = functional.relu(a)
-        loss = functional.cross_entropy(a, labels)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+            a = x
+            for l, (W, b) in enumerate(zip(ws, bs, strict=True)):
+                a = functional.linear(a, W, b)
+                if l < len(ws) - 1:
+                    a = functional.relu(a)
+            loss = functional.cross_entropy(a.float(), labels)
         grads = torch.autograd.grad(loss, leaves)
         with torch.no_grad():
             for p, g in zip(leaves, grads, strict=True):

@@ -70,6 +70,7 @@ class Measurement:
     peak_memory_bytes: int | None = None
     roofline_s: float | None = None
     paired_ratio_to_autodiff: float | None = None
+    matmul_precision: str | None = None  # in effect when the step was compiled
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,6 +118,7 @@ class Row:
     xla_temp_bytes: int | None = None
     sizes: str = ""
     dtype: str = ""
+    matmul_precision: str = ""
 
 
 ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Row))
@@ -156,7 +158,7 @@ def _row(m: Measurement, sizes: Sequence[int], dtype: str, peak_gflops: float,
         ratio_to_autodiff=over_med(autodiff_s),
         paired_ratio_to_autodiff=m.paired_ratio_to_autodiff,
         peak_memory_bytes=m.peak_memory_bytes, xla_temp_bytes=m.xla_temp_bytes,
-        sizes="-".join(map(str, sizes)), dtype=dtype,
+        sizes="-".join(map(str, sizes)), dtype=dtype, matmul_precision=m.matmul_precision or "",
     )  # fmt: skip
 
 
@@ -191,11 +193,17 @@ def format_table(rows: Iterable[Row]) -> str:
 
 
 def sweep_metadata(config: SweepConfig) -> dict[str, Any]:
-    """Everything needed to read the numbers later: config, devices, versions, threads."""
+    """Everything needed to read the numbers later: config, devices, versions, threads.
+
+    ``matmul_precision`` is the precision in effect for everything the sweep
+    compiled (its setting; each row also says what its process saw); each device's
+    ``jax_default_matmul_precision`` is the process-wide setting, overridden there.
+    """
     platforms = config.platforms or available_platforms()
     meta: dict[str, Any] = {
         "config": dataclasses.asdict(config),
         "devices": {p: device_info(jax.devices(p)[0]) for p in platforms},
+        "matmul_precision": config.matmul_precision,
         "argv": list(sys.argv),
     }
     if torch_available():

@@ -5,7 +5,9 @@
   ``optax.sgd(lr)`` over a ``TrainState`` (gradient, update ``W -= lr dW``, the
   batch's loss sum and correct count), not a second hand-written update beside
   it: a number measured here is the cost of a step that ``train()`` runs, and a
-  change to the training step changes the benchmark with it.
+  change to the training step changes the benchmark with it. Under
+  ``compute_dtype="bfloat16"`` it is the mixed-precision step of
+  ``bpjax.methods``: float32 params and update, bfloat16 products.
 * :func:`step_flops`: the useful FLOPs of a step, the matrix products of
   section 7: forward Z^l = W^l A^{l-1} (2 M n_l n_{l-1} each), dW^l for every
   layer, dA^{l-1} = (W^l)^T dZ^l for every layer but the first.
@@ -41,16 +43,19 @@ def sgd_state(params: Params) -> TrainState:
     return TrainState(params, optax.sgd(1.0).init(params), np.zeros((), np.int32))  # lr: unused
 
 
-def sgd_step(method: str, *, activation: str, loss: str, lr: float) -> tuple[Callable, list[int]]:
+def sgd_step(
+    method: str, *, activation: str, loss: str, lr: float, compute_dtype: str | None = None
+) -> tuple[Callable, list[int]]:
     """A fresh jitted step ``(state, x, y) -> (state, metrics)`` (state donated), and its counter.
 
     ``traces[0]`` counts how often the body was traced: once per compilation.
     The gradient methods take no PRNG key; ``train_step``'s is ``None``.
+    ``compute_dtype``: ``grad_fn``'s (bfloat16: mixed precision, float32 state).
     """
-    grads_of = grad_fn(method, activation=activation, loss=loss)
+    grads_of = grad_fn(method, activation=activation, loss=loss, compute_dtype=compute_dtype)
     step_fn = functools.partial(
         train_step,
-        grad=lambda params, x, y, key: grads_of(params, x, y),
+        grad=lambda params, x, y, key, feedback=(): grads_of(params, x, y, feedback),
         optimizer=optax.sgd(lr),
         loss=loss,
     )

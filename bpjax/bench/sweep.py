@@ -15,6 +15,13 @@ batch size, jitted with the state donated, on ``jax.devices(platform)[0]``:
 compiled apart, timed interleaved with the other methods and the GEMM-only
 roofline (``bpjax.bench.measure``); ``report.derive`` adds the derived columns.
 
+Precision. ``dtype="bfloat16"`` is the mixed precision of a training run
+(``bpjax.methods``): float32 params and SGD update, x in bfloat16, y in float32,
+the gradient by ``grad_fn(..., compute_dtype="bfloat16")``; the GEMM-only roofline
+and the square-matmul peak then run in bfloat16 too, as the step's products do.
+``matmul_precision`` (``jax.default_matmul_precision``) is in effect while every
+timed function is traced and compiled, and is recorded in the metadata and rows.
+
 Scaling over devices (``device_counts``, e.g. ``(1, 2, 4, 8)``): with D > 1 the
 same jitted step runs data parallel: the state replicated over a mesh
 ``("data",)`` of the platform's first D devices, the batch split by rows, XLA
@@ -31,6 +38,8 @@ subprocess (``isolate``). The worker starts from the environment only, so the
 parent's JAX settings that change the numbers (``jax_enable_x64``,
 ``jax_default_matmul_precision``) travel in the job; the worker applies them
 and reports them back, and a mismatch is an error rather than a wrong label.
+The config travels whole (``matmul_precision`` with it), and the worker's row
+says which precision it compiled under: a mismatch is an error too.
 """
 
 from __future__ import annotations
@@ -51,12 +60,13 @@ import jax
 
 from bpjax.activations import ACTIVATIONS
 from bpjax.bench.measure import host_params, measure_batch
-from bpjax.bench.peers import PEERS, HostParams, torch_available
+from bpjax.bench.peers import PEERS, HostParams, torch_available, torch_cuda_available
 from bpjax.bench.report import Measurement, Row, derive
 from bpjax.bench.steps import measure_matmul_peak
-from bpjax.bench.timing import available_platforms, peak_memory_bytes
-from bpjax.config import DTYPES as TRAIN_DTYPES
+from bpjax.bench.timing import available_platforms, matmul_precision_scope, peak_memory_bytes
 from bpjax.config import (
+    DTYPES,
+    MATMUL_PRECISIONS,
     PLATFORMS,
     Config,
     ConfigError,
@@ -72,7 +82,6 @@ from bpjax.methods import METHODS
 
 _BASE = Config()  # the network and the update of a training run: the sweep's defaults
 DEFAULT_BATCHES = tuple(2**k for k in range(14))  # 1, 2, 4, ..., 8192
-DTYPES = (*TRAIN_DTYPES, "bfloat16")  # a training run's dtypes, and bfloat16
 ISOLATE = ("auto", "always", "never")
 _WORKER = "from bpjax.bench.sweep import _worker_main; _worker_main()"
 
@@ -117,7 +126,12 @@ class SweepConfig:
         1.0, "More rounds until this many seconds were timed per batch size (stable medians)."
     )
     dtype: str = setting(
-        _BASE.dtype, "Params and data dtype (float64 needs --jax_enable_x64).", choices=DTYPES
+        _BASE.dtype, "Compute dtype, as a training run's (bfloat16: mixed precision, float32"
+        " params; float64 needs --jax_enable_x64).", choices=DTYPES,
+    )
+    matmul_precision: str = setting(
+        _BASE.matmul_precision, "Matrix-product precision every timed function is compiled"
+        " with (jax.default_matmul_precision).", choices=MATMUL_PRECISIONS,
     )
     seed: int = setting(_BASE.seed, "Seed of the params and the data.")
     lr: float = setting(_BASE.lr, "SGD learning rate of the step.")
@@ -178,7 +192,7 @@ class SweepConfig:
             check_choices("max_batch_per_method", limited, METHODS + PEERS)
 
     def _check_settings(self) -> None:
-        for name in ("dtype", "activation", "loss", "isolate"):
+        for name in ("dtype", "matmul_precision", "activation", "loss", "isolate"):
             choices = self.__dataclass_fields__[name].metadata["choices"]
             check_choice(name, getattr(self, name), choices)
         check_positive_int("repeats", self.repeats)
@@ -191,6 +205,8 @@ class SweepConfig:
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
             raise ConfigError("--dtype=float64 needs jax_enable_x64 (--jax_enable_x64)")
 
+    param_dtype = Config.param_dtype  # a training run's: float32 under bfloat16 (master copy)
+
     def max_batch(self, method: str) -> int | None:
         """The largest batch ``method`` is timed at, or None for no limit."""
         return dict(self.max_batch_per_method).get(method)
@@ -201,9 +217,17 @@ class SweepConfig:
 
 
 def _methods_for(config: SweepConfig, platform: str, num_devices: int) -> list[str]:
+    """The JAX methods, and the peers that can run here: NumPy and PyTorch on the host
+    (float32), PyTorch on a GPU (float32, or bfloat16 under autocast)."""
     relu_xent = config.activation == "relu" and config.loss == "softmax_cross_entropy"
-    host = platform == "cpu" and relu_xent and num_devices == 1 and config.dtype != "bfloat16"
-    peers = [p for p in config.peers if host and (p != "torch" or torch_available())]
+    if not relu_xent or num_devices != 1:
+        return list(config.methods)
+    if platform == "cpu":
+        ok = config.dtype != "bfloat16"
+        peers = [p for p in config.peers if ok and (p != "torch" or torch_available())]
+    else:
+        cuda = platform == "gpu" and config.dtype in ("float32", "bfloat16")
+        peers = [p for p in config.peers if p == "torch" and cuda and torch_cuda_available()]
     return [*config.methods, *peers]
 
 
@@ -239,8 +263,9 @@ def _sweep_platform(config: SweepConfig, platform: str, params: HostParams,
     devices = _devices(config, platform)
 
     def peak() -> dict[str, Any]:
-        return measure_matmul_peak(devices[0], config.dtype, config.matmul_max_n,
-                                   min_time_s=config.min_time_s)  # fmt: skip
+        with matmul_precision_scope(config.matmul_precision):  # in the step's products' dtype
+            return measure_matmul_peak(devices[0], config.dtype, config.matmul_max_n,
+                                       min_time_s=config.min_time_s)  # fmt: skip
 
     first = peak()
     log(f"[{platform}] {devices[0].device_kind}: square matmul n={first['n']} "
@@ -305,7 +330,12 @@ def _run_isolated(config: SweepConfig, platform: str, batch: int, method: str,
                            f"with {settings}")  # fmt: skip
     rows = [ln for ln in lines if ln.startswith("ROW ")]
     if proc.returncode == 0 and rows:
-        return Measurement.from_dict(json.loads(rows[-1][4:]))
+        measured = Measurement.from_dict(json.loads(rows[-1][4:]))
+        if measured.matmul_precision != config.matmul_precision:
+            raise RuntimeError(f"the sweep's worker compiled under matmul precision "
+                               f"{measured.matmul_precision!r}, the sweep asked for "
+                               f"{config.matmul_precision!r}")  # fmt: skip
+        return measured
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
     status = "oom" if "RESOURCE_EXHAUSTED" in proc.stderr else "error"
     return Measurement(platform=platform, device_kind="", method=method, batch=batch,

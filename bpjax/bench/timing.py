@@ -27,19 +27,25 @@ the state itself (an array, or a ``NamedTuple`` such as ``bpjax.train.TrainState
     >>> t = time_fn(jax.jit(step, donate_argnums=0), state, x, y, carry=True)
     >>> t.median_s, t.compile_s
 
+Matrix-product precision: a jitted function's float32 products are fixed when it
+is traced and compiled (``jax.default_matmul_precision`` then), not when it is
+called; :func:`matmul_precision_scope` sets it around compilation and says what
+was in effect.
+
 The compile counter listens to ``jax.monitoring`` from import on; only the
 measuring wing (``bpjax.bench``) imports this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -265,6 +271,17 @@ def device_info(device: jax.Device | None = None) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     return info
+
+
+@contextlib.contextmanager
+def matmul_precision_scope(precision: str) -> Iterator[str]:
+    """``jax.default_matmul_precision(precision)`` for what is traced and compiled inside.
+
+    Yields the precision in effect there (what a compilation inside sees), to
+    record beside the numbers; ``device_info`` records the process-wide setting.
+    """
+    with jax.default_matmul_precision(precision):
+        yield jax.config.jax_default_matmul_precision
 
 
 def available_platforms() -> tuple[str, ...]:

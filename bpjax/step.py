@@ -1,0 +1,179 @@
+"""One training step and the epoch's scan: the update the training loop repeats.
+
+``train_step(state, x, y, key, *, grad, optimizer, loss)`` is the documents'
+update (gradient by the configured method and feedback rule, then the optax
+rule: ``sgd`` is W <- W - lr * dW), returning the batch's loss sum and correct
+count; ``run_steps`` scans it over a shuffled epoch (or a chunk of one) inside
+one ``jax.jit``. ``make_grad`` is the switchboard of gradient routes and
+``make_optimizer`` the update rule with its learning-rate schedule. The
+benchmarks time exactly this step (``bpjax.bench.steps``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import Mesh
+
+from bpjax import parallel
+from bpjax.config import Config
+from bpjax.evaluation import batch_metrics
+from bpjax.feedback import Feedback, kp_feedback_grads
+from bpjax.methods import grad_fn, in_compute_dtype
+from bpjax.network import Params
+from bpjax.noise_scale import noise_stats_grad_fn
+from bpjax.privacy import private_grad_fn
+
+if TYPE_CHECKING:
+    from bpjax.parallel import Placement
+
+Array = jax.Array
+
+
+class TrainState(NamedTuple):
+    params: Params
+    opt_state: optax.OptState
+    step: Array  # int32 scalar: optimizer steps taken so far
+    feedback: Feedback = ()  # the rule's B matrices (bpjax.feedback); learned under kp
+
+
+
+def make_optimizer(config: Config, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+    """The update rule with its learning-rate schedule (``sgd``: W <- W - lr * dW).
+
+    The schedule's peak is ``config.peak_lr`` (``--lr`` scaled to the batch);
+    ``steps_per_epoch`` converts ``--warmup_epochs`` and ``--epochs`` to steps
+    (a constant rate does not need it).
+    """
+    lr = learning_rate(config, steps_per_epoch)
+    if config.optimizer == "sgd":
+        return optax.sgd(lr)
+    if config.optimizer == "momentum":
+        return optax.sgd(lr, momentum=config.momentum)
+    return optax.adam(lr)
+
+
+def learning_rate(config: Config, steps_per_epoch: int = 1) -> float | optax.Schedule:
+    """``config.peak_lr``, or an optax schedule of it over the run's steps."""
+    peak, total = config.peak_lr, max(config.epochs * steps_per_epoch, 1)
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if config.lr_schedule == "constant":
+        return peak
+    if config.lr_schedule == "warmup_constant":
+        return optax.warmup_constant_schedule(0.0, peak, warmup)
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(peak, total)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total)
+
+
+GradFn = Callable[[Params, Array, Array, Array, Feedback], tuple[Params, Array]]
+
+
+def make_grad(config: Config, mesh: Mesh | None = None) -> GradFn:
+    """``(params, x, y, key, feedback) -> (grads, outputs)`` for the configured method.
+
+    The switchboard of gradient routes: the lowest module that sees all three
+    tables (``methods.grad_fn``, ``privacy.private_grad_fn``,
+    ``parallel.sharded_grad_fn``; with ``noise_scale``, ``noise_stats_grad_fn``,
+    whose third output the step logs). ``grads`` is the rule's update
+    (``config.feedback``; the gradient under ``bp``). ``key`` feeds the DP-SGD
+    noise when ``dp_clip`` is set and is unused otherwise. With a ``mesh`` and
+    ``config.parallel == "shard_map"``, the explicit per-device program;
+    otherwise the single-device function (under a mesh, XLA partitions it from
+    the batch's sharding).
+    """
+    kw = dict(activation=config.activation, loss=config.loss, rule=config.feedback)
+    compute = config.dtype  # bfloat16: mixed precision (methods.py); else no cast at all
+    if config.noise_scale:  # (grads, outputs, NoiseStats): the statistics of the same pass
+        stats = in_compute_dtype(noise_stats_grad_fn(config.method, **kw), compute)
+        return lambda params, x, y, key, feedback: stats(params, x, y, feedback)
+    if mesh is not None and config.parallel == "shard_map":
+        sharded = in_compute_dtype(parallel.sharded_grad_fn(config.method, mesh, **kw), compute)
+        return lambda params, x, y, key, feedback: sharded(params, x, y, feedback)
+    if config.dp_clip is not None:
+        return private_grad_fn(
+            config.method, clip=config.dp_clip, noise_multiplier=config.dp_noise,
+            compute_dtype=compute, **kw,
+        )  # fmt: skip
+    grad = grad_fn(config.method, compute_dtype=compute, **kw)
+    return lambda params, x, y, key, feedback: grad(params, x, y, feedback)
+
+
+def train_step(
+    state: TrainState, x: Array, y: Array, key: Array, *, grad: GradFn, optimizer, loss: str,
+    classify: bool = True, kp_decay: float | None = None,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer step on the batch ``x: (B, n_0)``, ``y: (B, n_L)``.
+
+    With ``kp_decay`` (Kolen-Pollack), the feedback matrices learn with the
+    weights: B^l receives W^l's update dW^l, both decay by λ
+    (``feedback.kp_feedback_grads``), one optimizer over the pair.
+    """
+    grads, outputs, *stats = grad(state.params, x, y, key, state.feedback)
+    metrics = batch_metrics(outputs, y, loss, classify)
+    if stats:  # --noise_scale: this batch's S and |G_M|^2 (bpjax.noise_scale)
+        metrics |= stats[0]._asdict()
+    if kp_decay is None:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params, feedback = optax.apply_updates(state.params, updates), state.feedback
+    else:
+        pair = (state.params, state.feedback)
+        pair_grads = kp_feedback_grads(grads, state.params, state.feedback, kp_decay)
+        updates, opt_state = optimizer.update(pair_grads, state.opt_state, pair)
+        params, feedback = optax.apply_updates(pair, updates)
+    return TrainState(params, opt_state, state.step + 1, feedback), metrics
+
+
+def run_steps(
+    state: TrainState,
+    x: Array,
+    y: Array,
+    key: Array,
+    first: Array | int = 0,
+    *,
+    step_fn,
+    batch: int,
+    steps: int | None = None,
+    place: Placement | None = None,
+) -> tuple[TrainState, dict[str, Array]]:
+    """Steps ``first .. first + steps - 1`` of the epoch that ``key`` shuffles.
+
+    The epoch shuffles ``x: (N, n_0)``, ``y: (N, n_L)`` with the first half of
+    ``split(key)`` and takes ``N // batch`` full batches; step i draws its noise
+    key as ``fold_in(second half, i)``. ``steps`` defaults to the whole epoch.
+    Each step's rows are gathered during the step before (carried in the scan):
+    the gather of shuffled rows is independent of that step's products, so XLA
+    runs the two concurrently instead of one after the other.
+    With a mesh in ``place``, each batch's indices and rows are split over its
+    ``data`` axis: device d gathers rows ``[d B/D, (d+1) B/D)`` of every batch.
+    Returns per-step metrics with a leading ``(steps,)`` axis.
+    """
+    shard = place.shard_rows if place is not None else (lambda a: a)
+    per_epoch = x.shape[0] // batch
+    shuffle_key, noise_key = jax.random.split(key)
+    order = jax.random.permutation(shuffle_key, x.shape[0])[: per_epoch * batch]
+
+    def rows(i: Array) -> tuple[Array, Array]:  # batch i's rows (the last batch past the end)
+        idx = shard(lax.dynamic_slice_in_dim(order, jnp.minimum(i, per_epoch - 1) * batch, batch))
+        return shard(x[idx]), shard(y[idx])
+
+    def body(carry, i):
+        state, x_b, y_b = carry
+        upcoming = rows(i + 1)  # the next batch, gathered while this step computes
+        state, metrics = step_fn(state, x_b, y_b, jax.random.fold_in(noise_key, i))
+        return (state, *upcoming), metrics
+
+    xs = first + jnp.arange(steps or per_epoch)
+    (state, _, _), metrics = lax.scan(body, (state, *rows(first)), xs)
+    return state, metrics
+
+
+def run_epoch(state: TrainState, x: Array, y: Array, key: Array, *, step_fn, batch: int,
+              place: Placement | None = None) -> tuple[TrainState, dict[str, Array]]:  # fmt: skip
+    """A whole epoch: :func:`run_steps` from step 0."""
+    return run_steps(state, x, y, key, step_fn=step_fn, batch=batch, place=place)
