@@ -152,6 +152,11 @@ class Placement:
         """Inside ``jit``: split ``a: (M, ...)`` by rows over the mesh; no-op on one device."""
         return a if self.mesh is None else shard_rows(a, self.mesh)
 
+    def everywhere(self, a: Array) -> Array:
+        """Inside ``jit``: keep ``a`` whole on every device (e.g. the epoch's permutation,
+        which every device indexes); no-op on one device."""
+        return a if self.mesh is None else lax.with_sharding_constraint(a, replicated(self.mesh))
+
     def describe(self) -> str:
         """E.g. ``cpu (cpu)`` or ``8 x cpu (cpu), data parallel by sharding``."""
         where = f"{self.device.device_kind} ({self.device.platform})"

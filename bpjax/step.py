@@ -154,9 +154,10 @@ def run_steps(
     Returns per-step metrics with a leading ``(steps,)`` axis.
     """
     shard = place.shard_rows if place is not None else (lambda a: a)
+    whole = place.everywhere if place is not None else (lambda a: a)
     per_epoch = x.shape[0] // batch
     shuffle_key, noise_key = jax.random.split(key)
-    order = jax.random.permutation(shuffle_key, x.shape[0])[: per_epoch * batch]
+    order = whole(jax.random.permutation(shuffle_key, x.shape[0])[: per_epoch * batch])
 
     def rows(i: Array) -> tuple[Array, Array]:  # batch i's rows (the last batch past the end)
         idx = shard(lax.dynamic_slice_in_dim(order, jnp.minimum(i, per_epoch - 1) * batch, batch))
@@ -164,6 +165,7 @@ def run_steps(
 
     def body(carry, i):
         state, x_b, y_b = carry
+        x_b, y_b = shard(x_b), shard(y_b)  # the carried rows stay split (no all-gather)
         upcoming = rows(i + 1)  # the next batch, gathered while this step computes
         state, metrics = step_fn(state, x_b, y_b, jax.random.fold_in(noise_key, i))
         return (state, *upcoming), metrics

@@ -12,9 +12,13 @@ network and update (784-500-10, SGD lr 0.1) at batch 128:
 * ``gemm_only``: just the matrix products of an epoch (``bpjax.bench.steps``'s
   GEMM-only roofline, the batch sweep's), the floor for any formulation.
 
-Then it runs ``bpjax.train`` with the default config (``--method=manual
---batch=128``, data cached) and reports the wall time at which test accuracy
-first reaches 98%. Results go to ``experiments/results/bench_train.json``.
+It prints the epoch's time over its matrix products' (the floor a formulation
+cannot beat; the loop's overhead is the rest: the shuffled rows' gather, the
+update, the metrics). Then it runs ``bpjax.train`` with the default config
+(``--method=manual --batch=128``, data cached) to 98% test accuracy
+(``target_accuracy=0.98``) and reports the epoch, the training seconds
+(compilation and evaluation excluded) and the wall time at which it got there.
+Results go to ``experiments/results/bench_train.json``.
 """
 
 from __future__ import annotations
@@ -101,13 +105,12 @@ def epoch_variants(config: Config, data: Dataset) -> dict[str, tuple[Callable, t
 
 
 def time_to_98(epochs: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]], float]:
-    """``train(Config(epochs=...))``: the first epoch at >= 98% test accuracy, history, seconds."""
+    """The default run to 98% test accuracy: where it got there (or None), history, seconds."""
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()
-        result = train(Config(epochs=epochs, workdir=workdir), log=None)
+        result = train(Config(epochs=epochs, target_accuracy=0.98, workdir=workdir), log=None)
         total = time.perf_counter() - t0
-    hit = next((m for m in result.history if m["test_accuracy"] >= 0.98), None)
-    return hit, result.history, total
+    return result.target, result.history, total
 
 
 def main(argv: Sequence[str]) -> None:
@@ -125,17 +128,19 @@ def main(argv: Sequence[str]) -> None:
     for name, t in timings.items():
         print(f"  {name:12s} {t.median_s:7.3f} s  (p10 {t.p10_s:.3f}, p90 {t.p90_s:.3f}, "
               f"compile {t.compile_s:.2f} s)  speed-up vs python_loop {base / t.median_s:.2f}x")
+    over = timings["scan_epoch"].median_s / timings["gemm_only"].median_s
+    print(f"  the epoch takes {over:.3f}x its matrix products (gemm_only)")
     hit, history, total = time_to_98(settings.epochs_to_98)
-    final = 100 * history[-1]["test_accuracy"]
     if hit:
-        print(f"98% test accuracy first at epoch {hit['epoch']}, {hit['elapsed_s']:.1f} s into "
-              f"the run (data cached, compile included); after {settings.epochs_to_98} epochs "
-              f"{final:.2f}% in {total:.1f} s")
+        print(f"98% test accuracy first at epoch {hit['epoch']}: {hit['train_s']:.1f} s of "
+              f"training, {hit['elapsed_s']:.1f} s into the run (data cached, compilation "
+              f"included); whole run {total:.1f} s")
     else:
+        final = 100 * history[-1]["test_accuracy"]
         print(f"98% not reached in {settings.epochs_to_98} epochs (final {final:.2f}%)")
     rows = [{"variant": name, **t.as_dict(), "speedup_vs_python_loop": base / t.median_s}
             for name, t in timings.items()]  # fmt: skip
-    write_json(settings.out, settings, rows, first_98=hit, history=history)
+    write_json(settings.out, settings, rows, epoch_over_gemm=over, first_98=hit, history=history)
     print(f"wrote {settings.out}")
 
 

@@ -36,6 +36,7 @@ import functools  # noqa: E402
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax import export  # noqa: E402
 from test_parallel import RUNS, SMALL, TOY, batch_inputs  # noqa: E402
 
 from bpjax import parallel  # noqa: E402
@@ -80,6 +81,12 @@ def collectives(mesh) -> dict[str, dict[str, int]]:
             op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo))
             for op in ("all-reduce", "all-gather", "all-to-all", "reduce-scatter")
         }
+        # The same 8-device program lowered for GPUs and TPUs (tests/test_export.py's twin).
+        exp = export.export(jax.jit(epoch), platforms=("cuda", "tpu"))(
+            state, x, y, jax.random.key(1)
+        )
+        found[form]["exported_for"] = list(exp.platforms)
+        found[form]["exported_devices"] = exp.nr_devices
     return found
 
 

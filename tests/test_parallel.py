@@ -140,6 +140,14 @@ def test_the_sum_over_samples_becomes_an_all_reduce(eight):
         assert ops["all-gather"] == ops["all-to-all"] == 0, (form, ops)
 
 
+@pytest.mark.slow
+def test_export_data_parallel_forms_for_gpu_and_tpu(eight):
+    # jax.export of both 8-device epochs (sharding annotations, shard_map + psum).
+    _, summary = eight
+    for form, ops in summary["collectives"].items():
+        assert ops["exported_for"] == ["cuda", "tpu"] and ops["exported_devices"] == 8, form
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
