@@ -95,6 +95,7 @@ class TrainResult:
     interrupted: bool = False  # stopped early on request; the last epoch run is checkpointed
     feedback: Feedback = ()  # the rule's final B matrices (fixed under fa/dfa, learned under kp)
     target: dict[str, Any] | None = None  # where --target_* was reached: epoch, step, seconds
+    compile_s: float = 0.0  # compiling the epoch program (trace, lower, XLA), apart from training
 
 
 def prepare_data(dataset: Dataset, config: Config, place: Placement) -> TrainData:
@@ -297,7 +298,7 @@ def _train_epochs(config: Config, dataset: Dataset | None, place: Placement, run
         run.log(run.summary(time.perf_counter() - t_loop, target))
     params, feedback = jax.device_get((state.params, state.feedback))
     return TrainResult(params, run.history, run.workdir, program.traces, interrupted, feedback,
-                       target)  # fmt: skip
+                       target, program.compile_s)  # fmt: skip
 
 
 def _epoch(config: Config, program: EpochProgram, measure: Evaluator, state: TrainState,

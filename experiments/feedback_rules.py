@@ -54,7 +54,6 @@ never tuned): fa and dfa >= 97.0% mean test accuracy; kp within 0.3 points of bp
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import os
@@ -66,7 +65,7 @@ import numpy as np
 from absl import flags, logging
 
 from bpjax import cli
-from bpjax.bench.report import write_json
+from bpjax.bench.report import csv_text, write_json
 from bpjax.config import Config, check_choices, check_positive_int, setting
 from bpjax.data import Dataset, load_dataset
 from bpjax.errors import ConfigError, TrainingError
@@ -303,16 +302,6 @@ def curves(runs: Sequence[Mapping[str, Any]], key: str, layer: int = 0) -> dict[
 
 
 # ------------------------------------------------------------------ files
-
-
-def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A plain CSV: one header line (every key of any row, in first-seen order), then rows."""
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def epoch_rows(runs: Sequence[Mapping[str, Any]], s: StudySettings) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@ the end-to-end test runs it as a user does, in a subprocess on a slice of real M
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -16,13 +15,12 @@ import pathlib
 import statistics
 import subprocess
 import sys
-from unittest import mock
 
 import pytest
 from absl import flags
+from script_loader import load_script
 
 import bpjax
-from bpjax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "feedback_rules.py"
@@ -30,13 +28,7 @@ SCRIPT = REPO / "experiments" / "feedback_rules.py"
 
 @pytest.fixture(scope="module")
 def study():
-    fresh, define = flags.FlagValues(), cli.define_flags
-    private = lambda cls, **kw: define(cls, flag_values=fresh, **kw)  # noqa: E731
-    with mock.patch.object(cli, "define_flags", private):
-        spec = importlib.util.spec_from_file_location("feedback_rules_under_test", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-        spec.loader.exec_module(module)
+    module, fresh = load_script("feedback_rules")
     assert "protocol" in fresh and "protocol" not in flags.FLAGS
     return module
 

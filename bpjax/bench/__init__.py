@@ -21,7 +21,10 @@ One job per module, each importing only the ones above it:
   them interleaved, one record each;
 * ``sweep``: ``SweepConfig`` and ``run_sweep``, the batch-size sweep over
   methods, platforms and device counts, one process per configuration where
-  peak memory is wanted.
+  peak memory is wanted;
+* ``study``: the batch-size *training* study's pieces (learning-rate grids,
+  steps to target, the S_min / E_min / B_crit fit, its plots), run by
+  ``experiments/batch_study.py``.
 
 Importing the package imports none of them.
 """

@@ -242,6 +242,19 @@ def write_json(path: str, config: Any, rows: Sequence[Any], **extra: Any) -> Non
     _write_payload(path, {"meta": meta, "rows": list(rows), **extra})
 
 
+def csv_text(rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None) -> str:
+    """A plain CSV: one header line, then one line per row (any tool opens it as is).
+
+    ``fields``: the columns, in order (default: every key of any row, first seen first).
+    """
+    fields = list(fields or dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def write_results(
     rows: Sequence[Row], meta: Mapping[str, Any], out_dir: str, name: str = "batch_sweep"
 ) -> dict[str, str]:
@@ -249,11 +262,7 @@ def write_results(
     paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "csv", "png")}
     plain = [_plain(r) for r in rows]
     _write_payload(paths["json"], {"meta": meta, "rows": plain})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=ROW_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(plain)
-    write_atomic(paths["csv"], buf.getvalue())
+    write_atomic(paths["csv"], csv_text(plain, ROW_FIELDS))
     plot_sweep(rows, paths["png"], title=_plot_title(meta))
     return paths
 

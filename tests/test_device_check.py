@@ -1,0 +1,40 @@
+"""The accelerator check runs end to end on this CPU with tiny settings (``--smoke``).
+
+GPU minutes are scarce: the exact command run on a lent GPU must be known to work
+before. Every stage runs here in its own process, as it will there, and writes its
+files; a stage that fails makes the script exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_device_check_smoke_runs_every_stage_on_the_cpu(tmp_path):
+    out = tmp_path / "check"
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "device_check.py"), "--platform=cpu",
+         "--smoke", f"--out_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert done.returncode == 0, json.dumps(stages, indent=1)
+    expected = {"env", "tests", "train", "bench_grad", "sweep_f32", "sweep_bf16", "study"}
+    assert set(stages) == expected and all(s["status"] == "ok" for s in stages.values())
+    env = json.loads((out / "env.json").read_text())
+    assert env["platform"] == "cpu" and env["jax_version"]
+    for path in ("bench_grad.json", "sweep_f32/batch_sweep.csv", "sweep_bf16/batch_sweep.json",
+                 "train_run/metrics.jsonl", "tests.log"):  # fmt: skip
+        assert (out / path).exists(), path
+    bf16 = json.loads((out / "sweep_bf16" / "batch_sweep.json").read_text())
+    assert {r["dtype"] for r in bf16["rows"]} == {"bfloat16"}
+    assert done.stdout.strip().splitlines()[-1] == f"results in {out}"
