@@ -65,6 +65,7 @@ from bpjax.rundir import RunDir
 from bpjax.step import (  # noqa: F401 - the step's names, importable from here as before
     GradFn,
     TrainState,
+    compiler_options,
     learning_rate,
     make_grad,
     make_optimizer,
@@ -172,6 +173,8 @@ class EpochProgram:
     chunks of ``--eval_every_steps`` share one compiled program; ``traces``
     counts compilations. ``jitted`` and ``args`` are the program before
     compilation (``jax.export`` takes them to lower it for other platforms).
+    Compiled with ``step.compiler_options`` (on a CPU at small batches: matrix
+    products fused with their elementwise neighbours).
     """
 
     def __init__(self, config: Config, place: Placement, state: TrainState, data: TrainData,
@@ -190,10 +193,19 @@ class EpochProgram:
             )
         self.data_key = run_keys(config)[1]
         t0 = time.perf_counter()
-        self.jitted = jax.jit(self._chunk, donate_argnums=0)
+        rows = config.batch // (place.mesh.size if place.mesh is not None else 1)
+        options = compiler_options(place.device.platform, rows)
+        self.jitted = jax.jit(self._chunk, donate_argnums=0, compiler_options=options or None)
         args = (state, data.x_train, data.y_train, jax.random.fold_in(self.data_key, 0),
                 np.zeros((), np.int32))  # fmt: skip
-        self.compiled = self.jitted.lower(*args).compile()
+        try:
+            self.compiled = self.jitted.lower(*args).compile()
+        except jax.errors.JaxRuntimeError:
+            if not options:
+                raise
+            # An XLA without that (experimental) option: compile as it comes.
+            self.jitted = jax.jit(self._chunk, donate_argnums=0)
+            self.compiled = self.jitted.lower(*args).compile()
         self.args = jax.tree.map(_abstract, args)  # shapes only: the state is donated later
         self.compile_s = time.perf_counter() - t0
 

@@ -33,13 +33,11 @@ import optax
 
 from bpjax import cli
 from bpjax.bench.report import write_json
-from bpjax.bench.steps import sgd_state
 from bpjax.bench.timing import compare_fns, device_info
 from bpjax.config import Config, check_choices, check_positive_int, setting
-from bpjax.feedback import FEEDBACK_RULES, alignment, init_feedback, kp_feedback_grads
-from bpjax.methods import grad_fn
+from bpjax.feedback import FEEDBACK_RULES, alignment, init_feedback
 from bpjax.network import init_params
-from bpjax.train import train_step
+from bpjax.train import TrainState, compiler_options, make_grad, make_optimizer, train_step
 
 NET = Config()  # the network, activation, loss and lr of a training run
 FLOOR = 1.05
@@ -67,26 +65,27 @@ class FeedbackBench:
 cli.define_flags(FeedbackBench)
 
 
-def rule_step(rule: str, decay: float) -> Callable:
-    """A jitted step ``(state, feedback, x, y) -> (state, metrics)``, state donated.
+def rule_step(rule: str, decay: float, batch: int) -> Callable:
+    """The training loop's own step under ``rule``, jitted, state donated.
 
-    kp's ``state.params`` is ``(params, B)`` (both learn; ``feedback`` is unused);
-    every other rule's is ``params``, its fixed B passed as ``feedback``.
+    ``(state, x, y) -> (state, metrics)``: ``bpjax.train.train_step`` with the
+    rule's gradient (``make_grad``) and plain SGD; the rule's B rides in
+    ``state.feedback`` and, under kp, learns with W (``kp_decay``), as in training.
     """
-    grads_of = grad_fn("manual", activation=NET.activation, loss=NET.loss, rule=rule)
-    step_fn = functools.partial(train_step, optimizer=optax.sgd(NET.lr), loss=NET.loss)
+    config = Config(feedback=rule, kp_decay=decay, batch=batch)
+    step_fn = functools.partial(
+        train_step, grad=make_grad(config), optimizer=make_optimizer(config), loss=config.loss,
+        kp_decay=decay if rule == "kp" else None,
+    )  # fmt: skip
+    options = compiler_options(jax.devices()[0].platform, batch)
+    return jax.jit(lambda state, x, y: step_fn(state, x, y, None), donate_argnums=0,
+                   compiler_options=options or None)  # fmt: skip
 
-    def kp_grad(pair, x, y, key):
-        params, B = pair
-        grads, outputs = grads_of(params, x, y, B)
-        return kp_feedback_grads(grads, params, B, decay), outputs
 
-    def step(state, feedback, x, y):
-        if rule == "kp":
-            return step_fn(state, x, y, None, grad=kp_grad)
-        return step_fn(state, x, y, None, grad=lambda p, x, y, key: grads_of(p, x, y, feedback))
-
-    return jax.jit(step, donate_argnums=0)
+def rule_state(rule: str, params: Any, feedback: Any) -> TrainState:
+    """Step 0 of the training state: the params, SGD's state (of the pair under kp), B."""
+    learned = (params, feedback) if rule == "kp" else params
+    return TrainState(params, optax.sgd(NET.lr).init(learned), np.zeros((), np.int32), feedback)
 
 
 def bench(s: FeedbackBench) -> list[dict[str, Any]]:
@@ -101,10 +100,9 @@ def bench(s: FeedbackBench) -> list[dict[str, Any]]:
         x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
         y = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], batch)]
         x, y = jax.device_put((x, y))
-        steps = {}
-        for r in s.rules:
-            state = sgd_state(copy((params, feedback[r]) if r == "kp" else params))
-            steps[r] = (rule_step(r, s.kp_decay), (state, feedback[r], x, y))
+        steps = {r: (rule_step(r, s.kp_decay, batch),
+                     (rule_state(r, copy(params), copy(feedback[r])), x, y))
+                 for r in s.rules}  # fmt: skip
         t = compare_fns(steps, repeats=s.repeats, warmup=3, carry=True, min_time_s=s.min_time_s)
         align = {
             r: (jax.jit(functools.partial(alignment, rule=r, activation=NET.activation,

@@ -34,6 +34,7 @@ from bpjax.bench.timing import compare_fns, device_info
 from bpjax.config import Config, check_positive_int, check_sizes, setting
 from bpjax.methods import grad_fn
 from bpjax.network import init_params
+from bpjax.step import compiler_options
 
 NET = Config()  # the network, activation, loss and lr of a training run
 METHODS = ("manual", "autodiff")
@@ -75,10 +76,13 @@ def bench(s: GradBench) -> list[dict[str, Any]]:
         x = rng.standard_normal((batch, s.sizes[0])).astype(np.float32)
         y = np.eye(s.sizes[-1], dtype=np.float32)[rng.integers(0, s.sizes[-1], batch)]
         x, y = jax.device_put((x, y))
-        grads = {m: (jax.jit(grad_fn(m, **net)), (params, x, y)) for m in METHODS}
+        # Both methods compiled as the training loop compiles its step at this batch.
+        options = compiler_options(jax.devices()[0].platform, batch)
+        grads = {m: (jax.jit(grad_fn(m, **net), compiler_options=options or None), (params, x, y))
+                 for m in METHODS}  # fmt: skip
         if s.dump_hlo:
             _dump_hlo(s.dump_hlo, batch, grads)
-        steps = {m: (sgd_step(m, **net, lr=NET.lr)[0],
+        steps = {m: (sgd_step(m, **net, lr=NET.lr, compiler_options=options)[0],
                      (sgd_state(jax.tree.map(lambda a: a.copy(), params)), x, y))
                  for m in METHODS}  # fmt: skip
         for what, fns, carry in (("grad", grads, False), ("step", steps, True)):

@@ -40,7 +40,14 @@ from bpjax.bench.report import write_json
 from bpjax.bench.steps import gemm_only_args, gemm_only_fn
 from bpjax.bench.timing import compare_fns, device_info
 from bpjax.config import check_positive_int, setting
-from bpjax.train import TrainState, make_grad, make_optimizer, run_epoch, train_step
+from bpjax.train import (
+    TrainState,
+    compiler_options,
+    make_grad,
+    make_optimizer,
+    run_epoch,
+    train_step,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +77,10 @@ def epoch_variants(config: Config, data: Dataset) -> dict[str, tuple[Callable, t
     state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
     step = functools.partial(train_step, grad=make_grad(config), optimizer=optimizer,
                              loss=config.loss)  # fmt: skip
-    jit_step = jax.jit(step, donate_argnums=0)
+    # Every variant is compiled as bpjax.train compiles its epoch (step.compiler_options).
+    jit = functools.partial(jax.jit, compiler_options=compiler_options(
+        jax.devices()[0].platform, batch) or None)  # fmt: skip
+    jit_step = jit(step, donate_argnums=0)
 
     def python_loop(state: TrainState, seed: int) -> TrainState:
         order = np.random.default_rng(seed).permutation(x_host.shape[0])
@@ -79,8 +89,7 @@ def epoch_variants(config: Config, data: Dataset) -> dict[str, tuple[Callable, t
             state, _ = jit_step(state, x_host[idx], y_host[idx], None)
         return state
 
-    scan_epoch = jax.jit(functools.partial(run_epoch, step_fn=step, batch=batch),
-                         donate_argnums=0)  # fmt: skip
+    scan_epoch = jit(functools.partial(run_epoch, step_fn=step, batch=batch), donate_argnums=0)
     # The step's products (same shapes and orientation as manual) scanned over the epoch's
     # batches of the real images. Each step's products become the carry, so they are written
     # to memory as a step writes its gradients (summing them instead lets XLA fuse the
@@ -100,7 +109,7 @@ def epoch_variants(config: Config, data: Dataset) -> dict[str, tuple[Callable, t
     return {
         "python_loop": (python_loop, (jax.tree.map(jnp.copy, state), 0)),
         "scan_epoch": (scan_epoch, (jax.tree.map(jnp.copy, state), x, y, jax.random.key(1))),
-        "gemm_only": (jax.jit(gemm_epoch), (empty, x, Ws, W_Ts, As, dZs)),
+        "gemm_only": (jit(gemm_epoch), (empty, x, Ws, W_Ts, As, dZs)),
     }
 
 

@@ -41,6 +41,7 @@ from bpjax.bench.timing import (
     peak_memory_bytes,
 )
 from bpjax.network import init_params
+from bpjax.step import compiler_options
 
 if TYPE_CHECKING:
     from bpjax.bench.sweep import SweepConfig
@@ -104,8 +105,9 @@ def _is_oom(err: BaseException) -> bool:
 def _compile_step(config: SweepConfig, method: str, devices: Sequence[jax.Device],
                   params: HostParams, x: np.ndarray, y: np.ndarray) -> _Entry:  # fmt: skip
     place = _placement(devices)
+    options = compiler_options(devices[0].platform, x.shape[0] // len(devices))
     step, traces = sgd_step(method, activation=config.activation, loss=config.loss, lr=config.lr,
-                            compute_dtype=config.dtype)  # fmt: skip
+                            compute_dtype=config.dtype, compiler_options=options)  # fmt: skip
     args = place(sgd_state(params), x, y)
     compiled, compile_s, n_compiles = compile_fn(step, *args)
     temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)

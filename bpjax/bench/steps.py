@@ -44,13 +44,16 @@ def sgd_state(params: Params) -> TrainState:
 
 
 def sgd_step(
-    method: str, *, activation: str, loss: str, lr: float, compute_dtype: str | None = None
+    method: str, *, activation: str, loss: str, lr: float, compute_dtype: str | None = None,
+    compiler_options: dict[str, str] | None = None,
 ) -> tuple[Callable, list[int]]:
     """A fresh jitted step ``(state, x, y) -> (state, metrics)`` (state donated), and its counter.
 
     ``traces[0]`` counts how often the body was traced: once per compilation.
     The gradient methods take no PRNG key; ``train_step``'s is ``None``.
     ``compute_dtype``: ``grad_fn``'s (bfloat16: mixed precision, float32 state).
+    ``compiler_options``: what the training loop compiles its step with at this
+    batch (``bpjax.step.compiler_options``), so the step timed is the one trained.
     """
     grads_of = grad_fn(method, activation=activation, loss=loss, compute_dtype=compute_dtype)
     step_fn = functools.partial(
@@ -65,7 +68,7 @@ def sgd_step(
         traces[0] += 1
         return step_fn(state, x, y, None)
 
-    return jax.jit(step, donate_argnums=0), traces
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options or None), traces
 
 
 def step_flops(sizes: Sequence[int], batch: int) -> int:
