@@ -56,7 +56,7 @@ def resolve_config() -> Config:
     if CONFIG.value:
         if flags.FLAGS.resume:
             raise ConfigError("--config starts a new run and --resume continues one: use one")
-        recorded = Config.from_json(CONFIG.value).replace(workdir=None)
+        recorded = Config.from_json(CONFIG.value).replace(workdir=None, resume=False)
     elif flags.FLAGS.resume and workdir and os.path.isfile(os.path.join(workdir, "config.json")):
         recorded = Config.from_json(os.path.join(workdir, "config.json"))
     return cli.from_flags(Config, defaults=recorded)
@@ -64,11 +64,6 @@ def resolve_config() -> Config:
 
 def main(argv: list[str]) -> None:
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        # app.run turns on INFO: Orbax logs ~40 INFO lines per checkpoint, and a traceback
-        # at ERROR for a damaged checkpoint or a failed write, which bpjax reports in one
-        # line of its own. -v=0 (or -v=-1 for warnings) shows them.
-        logging.set_verbosity(logging.FATAL)
     config = resolve_config()
     initialize_distributed(cli.from_flags(Cluster), config.num_processes)
     with graceful_stop() as stop:
@@ -81,4 +76,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, verbosity=logging.FATAL)  # -v=0 (or -v=-1: warnings) shows Orbax's logs

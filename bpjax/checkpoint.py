@@ -22,10 +22,10 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from bpjax.errors import CheckpointError
+from bpjax.errors import CheckpointError, first_line
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
@@ -87,25 +87,46 @@ def restore_latest(
     (architecture, dtype, optimizer: ``meta`` differs) or none is intact.
     """
     manager.wait_until_finished()
-    steps = sorted(manager.all_steps(), reverse=True)
+    steps = tuple(manager.all_steps())
     if not steps:
         return None
-    for epoch in steps:
+
+    def move_aside(epoch: int, e: Exception) -> None:
+        aside = _move_aside(manager, epoch)
+        warn(f"warning: checkpoint {manager.directory}/{epoch} cannot be read"
+             f" ({type(e).__name__}: {first_line(e)}); moved to {aside}, using the one before it")
+
+    found = newest_intact(manager, steps, target, meta, on_damaged=move_aside)
+    if found is not None:
+        return found
+    manager.reload()
+    raise CheckpointError(
+        f"no intact checkpoint in {manager.directory} (every one of epochs"
+        f" {', '.join(map(str, sorted(steps)))} was damaged, now in"
+        f" {_aside_dir(manager)}): start the run again in a new --workdir"
+    )
+
+
+def newest_intact(
+    manager: ocp.CheckpointManager,
+    steps: Iterable[int],
+    target: Any,
+    meta: dict[str, Any],
+    on_damaged: Callable[[int, Exception], None],
+) -> tuple[Any, int] | None:
+    """``(state, epoch)`` of the newest of ``steps`` that restores, or None if none does.
+
+    A checkpoint made for another run raises :class:`CheckpointError` at once; a
+    damaged one is handed to ``on_damaged(epoch, error)`` and the one before it tried.
+    """
+    for epoch in sorted(steps, reverse=True):
         try:
             return restore_epoch(manager, epoch, target, meta), epoch
         except CheckpointError:
             raise
         except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            aside = _move_aside(manager, epoch)
-            warn(f"warning: checkpoint {manager.directory}/{epoch} cannot be read"
-                 f" ({type(e).__name__}: {first}); moved to {aside}, using the one before it")
-    manager.reload()
-    raise CheckpointError(
-        f"no intact checkpoint in {manager.directory} (every one of epochs"
-        f" {', '.join(map(str, sorted(steps)))} was damaged, now in"
-        f" {os.path.dirname(_aside_dir(manager))}): start the run again in a new --workdir"
-    )
+            on_damaged(epoch, e)
+    return None
 
 
 def restore_epoch(
@@ -136,7 +157,7 @@ def restore_epoch(
 
 
 def _aside_dir(manager: ocp.CheckpointManager) -> str:
-    return os.path.join(os.path.dirname(str(manager.directory)), "damaged", "")
+    return os.path.join(os.path.dirname(str(manager.directory)), "damaged")
 
 
 def _move_aside(manager: ocp.CheckpointManager, epoch: int) -> str:

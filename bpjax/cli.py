@@ -28,28 +28,26 @@ import sys
 import traceback
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from bpjax.errors import BpjaxError, ConfigError
 
 T = TypeVar("T")
 
 
-def _field_type(hint: Any) -> tuple[Any, bool]:
-    """``(base type, optional)`` of an annotation like ``int | None`` or ``tuple[int, ...]``."""
+def _field_type(hint: Any) -> Any:
+    """The base type of an annotation like ``int | None`` (``int``) or ``tuple[int, ...]``."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         (base,) = [a for a in args if a is not type(None)]
-        return base, True
-    return hint, False
+        return base
+    return hint
 
 
-def define_flags(
-    cls: type, *, exclude: Iterable[str] = (), flag_values: flags.FlagValues = flags.FLAGS
-) -> None:
+def define_flags(cls: type, *, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines one absl flag per field of the dataclass ``cls`` (see the module docstring).
 
     The flags belong to the calling module, so its ``--help`` lists them.
@@ -59,9 +57,7 @@ def define_flags(
         module_name = sys.argv[0]
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        if field.name in exclude:
-            continue
-        base, _ = _field_type(hints[field.name])
+        base = _field_type(hints[field.name])
         meta = field.metadata
         help_text = meta.get("help", field.name)
         choices = meta.get("choices")
@@ -104,14 +100,9 @@ def _from_list(name: str, items: list[str], base: Any, meta: Any) -> Any:
 
 
 def from_flags(
-    cls: type[T],
-    *,
-    exclude: Iterable[str] = (),
-    flag_values: flags.FlagValues = flags.FLAGS,
-    defaults: T | None = None,
-    **overrides: Any,
+    cls: type[T], *, flag_values: flags.FlagValues = flags.FLAGS, defaults: T | None = None
 ) -> T:
-    """Builds ``cls`` from the parsed flags its fields define (``overrides`` win).
+    """Builds ``cls`` from the parsed flags its fields define.
 
     With ``defaults`` (an instance of ``cls``, e.g. a recorded run's settings),
     only the flags given on the command line replace its values. Raises the
@@ -121,28 +112,26 @@ def from_flags(
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
-        if field.name in exclude or field.name in overrides:
-            continue
         if defaults is not None and not flag_values[field.name].present:
             values[field.name] = getattr(defaults, field.name)
             continue
         value = flag_values[field.name].value
-        base, _ = _field_type(hints[field.name])
+        base = _field_type(hints[field.name])
         if value is not None and ("parse" in field.metadata or typing.get_origin(base) is tuple):
             value = _from_list(field.name, value, base, field.metadata)
         values[field.name] = value
-    return cls(**values, **overrides)
+    return cls(**values)
 
 
-def given_flags(cls: type, flag_values: flags.FlagValues = flags.FLAGS) -> set[str]:
-    """The fields of ``cls`` whose flags were given on the command line."""
-    return {f.name for f in dataclasses.fields(cls) if flag_values[f.name].present}
-
-
-def run(main: Callable[[list[str]], None], *, positional: bool = False) -> None:
+def run(
+    main: Callable[[list[str]], None], *, positional: bool = False, verbosity: int | None = None
+) -> None:
     """``absl.app.run(main)`` with JAX's flags and one-line errors (see the module docstring).
 
     ``positional``: ``main`` takes arguments besides flags (else they are refused).
+    ``verbosity``: the absl log level unless ``--verbosity`` is given. app.run turns on
+    INFO, where Orbax logs ~40 lines per checkpoint (and, at ERROR, a traceback for a
+    damaged checkpoint or a failed write that bpjax reports in one line of its own).
     """
     import jax
 
@@ -152,6 +141,8 @@ def run(main: Callable[[list[str]], None], *, positional: bool = False) -> None:
     def guarded(argv: list[str]) -> None:
         if len(argv) > 1 and not positional:
             sys.exit(f"error: unexpected arguments {argv[1:]}: flags take the form --name=value")
+        if verbosity is not None and not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(verbosity)
         try:
             main(argv)
         except BpjaxError as e:

@@ -43,7 +43,18 @@ PARALLEL = ("sharding", "shard_map")
 
 SEED_LIMIT = 2**32  # jax.random.key takes a 32-bit seed without x64: 2**32 would be 0 again
 # Keys of a run's config.json that are not settings: what the run derived or recorded.
-DERIVED_KEYS = ("sizes", "workdir", "resume", "provenance")
+DERIVED_KEYS = ("sizes", "provenance")
+
+
+def scaled_lr(lr: float, batch: int, reference_batch: int, scaling: str) -> float:
+    """``lr``, given at ``reference_batch``, scaled to ``batch``: none, linear or sqrt."""
+    ratio = batch / reference_batch
+    return lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, in increasing order."""
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def setting(
@@ -187,8 +198,7 @@ class Config:
     @property
     def peak_lr(self) -> float:
         """--lr scaled to this batch by --lr_scaling (the schedule's peak)."""
-        ratio = self.batch / self.lr_reference_batch
-        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling]
+        return scaled_lr(self.lr, self.batch, self.lr_reference_batch, self.lr_scaling)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -335,10 +345,11 @@ class Config:
         """A config from JSON text, a parsed dict, or a run's ``config.json`` (file or workdir).
 
         The keys a run records beside its settings (``DERIVED_KEYS``: sizes,
-        workdir, resume, provenance) are ignored; any other unknown key is an
-        error, so a misspelt setting cannot be silently dropped.
+        provenance) are ignored; any other unknown key is an error, so a misspelt
+        setting cannot be silently dropped. ``workdir`` and ``resume`` are read as
+        recorded (``launch.py --config`` clears both: a repeat is a new run).
         """
-        record = _read_record(source) if isinstance(source, str) else dict(source)
+        record = read_record(source) if isinstance(source, str) else dict(source)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(record) - fields - set(DERIVED_KEYS))
         if unknown:
@@ -351,13 +362,17 @@ class Config:
     def differences(self, other: Config, *, resumable: bool = False) -> dict[str, tuple]:
         """``{field: (self's value, other's value)}`` where they differ.
 
-        With ``resumable=False`` only the fields a resume may not change count.
+        With ``resumable=False`` only the fields a resume may not change count, and
+        ``epochs`` does under a cosine schedule (it decays over the run's epochs, so
+        more epochs change every step's learning rate).
         """
+        fixed = lambda f: not f.metadata.get("resumable") or (  # noqa: E731
+            f.name == "epochs" and "cosine" in self.lr_schedule
+        )
         return {
             f.name: (getattr(self, f.name), getattr(other, f.name))
             for f in dataclasses.fields(self)
-            if (resumable or not f.metadata.get("resumable"))
-            and getattr(self, f.name) != getattr(other, f.name)
+            if (resumable or fixed(f)) and getattr(self, f.name) != getattr(other, f.name)
         }
 
 
@@ -365,7 +380,7 @@ def _where(source: object) -> str:
     return source if isinstance(source, str) and not source.lstrip().startswith("{") else "JSON"
 
 
-def _read_record(source: str) -> dict[str, Any]:
+def read_record(source: str) -> dict[str, Any]:
     """JSON text, or the path of a config.json or of the run directory holding one."""
     if source.lstrip().startswith("{"):
         text = source

@@ -109,13 +109,17 @@ class DatasetShape(NamedTuple):
     n_out: int  # classes (one-hot width) or regression targets: the network's n_L
 
 
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
 def dataset_shape(name: str) -> DatasetShape:
     """The sizes of dataset ``name`` (one of :data:`DATASETS`), read off its definition."""
     if name == "regression":
         sizes = _REGRESSION["sizes"]
         return DatasetShape(_REGRESSION["n_train"], _REGRESSION["n_test"], sizes[0], sizes[-1])
-    if name not in _EXPECTED:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    _check_name(name)
     (n_train, n_in), _ = _EXPECTED[name]["x_train"]
     (n_test, _), _ = _EXPECTED[name]["x_test"]
     return DatasetShape(n_train, n_test, n_in, _NUM_CLASSES)
@@ -179,8 +183,7 @@ def load_dataset(
       DataError: files unreadable, corrupt, not the expected data, or no source
         could provide them.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    _check_name(name)
     if name == "regression":
         return make_regression(seed)
     if data_dir is not None:
@@ -263,7 +266,7 @@ def _write_cache(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
     """
     buf = io.BytesIO()
     np.savez(buf, **{key: np.ascontiguousarray(arrays[key]) for key in _KEYS})
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getbuffer())
 
 
 def _image_dataset(name: str, arrays: Mapping[str, np.ndarray]) -> Dataset:

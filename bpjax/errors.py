@@ -9,6 +9,27 @@ working.
 
 from __future__ import annotations
 
+import re
+
+
+def first_line(error: BaseException, limit: int | None = 200, *, otherwise: str = "") -> str:
+    """The first line of ``error``'s message (XLA's and Orbax's run long), cut at ``limit``.
+
+    An empty message gives ``otherwise``, by default the error type's name.
+    """
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else otherwise or type(error).__name__
+
+
+def is_out_of_memory(error: BaseException | str) -> bool:
+    """An allocation that did not fit: MemoryError, or XLA's RESOURCE_EXHAUSTED / out of memory.
+
+    ``error`` may be the exception or its text (a worker process's stderr).
+    """
+    if isinstance(error, MemoryError):
+        return True
+    return re.search(r"RESOURCE_EXHAUSTED|out of memory", str(error), re.IGNORECASE) is not None
+
 
 class BpjaxError(Exception):
     """Base of every error bpjax raises deliberately; the message is one line."""

@@ -13,6 +13,7 @@ reports: sums, so that averages over steps are exact.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -165,6 +166,13 @@ def interval_record(epoch: float, state: Any, steps: dict[str, np.ndarray], batc
 
 def target_reached(config: Config, record: dict[str, Any]) -> bool:
     """The record meets ``--target_accuracy`` or ``--target_loss`` (never without one)."""
-    accuracy, loss = config.target_accuracy, config.target_loss
-    acc_ok = accuracy is not None and (record["test_accuracy"] or 0.0) >= accuracy
+    return meets_target(record, config.target_accuracy, config.target_loss)
+
+
+def meets_target(record: Mapping[str, Any], accuracy: float | None, loss: float | None) -> bool:
+    """The metrics record's test accuracy reaches ``accuracy`` or its test loss ``loss``.
+
+    A target that is None never counts; a record without an accuracy misses any.
+    """
+    acc_ok = accuracy is not None and (record.get("test_accuracy") or 0.0) >= accuracy
     return acc_ok or (loss is not None and record["test_loss"] <= loss)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from bpjax.activations import get_activation
 from bpjax.losses import get_loss
-from bpjax.network import Params, check_inputs, forward, init_params, layer_sizes
+from bpjax.network import Params, check_batch, forward, init_params, layer_sizes
 
 Array = jax.Array
 Feedback = Sequence[Array]  # the B matrices of a rule, in layer order
@@ -213,9 +213,7 @@ def alignment(
       float64, 0.03° in float32).
     """
     feedback = check_feedback(params, feedback, rule)
-    check_inputs(params, x, y)
-    if x.ndim != 2:
-        raise ValueError(f"x must be a batch (M, n_0), got {x.shape}")
+    check_batch(params, x, y)
     _, sigma_prime = get_activation(activation)
     zs, activations = forward(params, x, activation)
     dZ_L = get_loss(loss).error(zs[-1], y)                      # (7.1), per sample

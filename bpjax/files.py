@@ -7,8 +7,12 @@ import os
 import tempfile
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes, *, sync_dir: bool = True) -> None:
+def write_atomic(
+    path: str | os.PathLike[str], data: str | bytes | memoryview, *, sync_dir: bool = True
+) -> None:
     """Writes ``data`` to ``path`` so that readers see the old or the new file, never half.
+
+    ``data``: text, or bytes (a ``memoryview`` of a buffer is written without a copy).
 
     The bytes go to a temporary file in the same directory (created if missing),
     are flushed to disk, and then renamed over ``path``, which is atomic on POSIX.
@@ -19,7 +23,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes, *, sync_dir: b
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+        with os.fdopen(fd, "w" if isinstance(data, str) else "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -50,11 +50,16 @@ def wide_dtype(dtype: jnp.dtype | str) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def widen(a: Array) -> Array:
+    """``a`` in ``wide_dtype``: sums of squares of bfloat16 would lose digits (float32: as is)."""
+    return a.astype(wide_dtype(a.dtype))
+
+
 def _wide_loss(per_sample: Callable, error: Callable) -> Loss:
     """Both functions with the logits upcast to ``wide_dtype`` first (a no-op for float32)."""
 
     def upcast(fn: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Array]:
-        return lambda z, y: fn(z.astype(wide_dtype(z.dtype)), y)
+        return lambda z, y: fn(widen(z), y)
 
     return Loss(upcast(per_sample), upcast(error))
 

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from bpjax.feedback import Feedback, check_feedback, check_rule
 from bpjax.formulas import accumulated_grad_and_output, manual_grad_and_output
 from bpjax.losses import get_loss
-from bpjax.network import Params, check_inputs, predict
+from bpjax.network import Params, check_batch, check_inputs, predict
 
 Array = jax.Array
 GradFn = Callable[..., tuple[Params, Array]]  # (params, x, y, feedback=()) -> (grads, Z^L)
@@ -73,9 +73,7 @@ def _autodiff(params, x, y, *, activation, loss, rule="bp", feedback=None):
 def _vmapped(single: Callable) -> Callable:
     def grad_and_output(params, x, y, *, activation, loss, rule="bp", feedback=None):
         # vmap over rows would take a 3-D x as M batches of one; a method's x is (M, n_0).
-        if x.ndim != 2:
-            raise ValueError(f"x must be a batch (M, n_0), got shape {x.shape}")
-        check_inputs(params, x, y)
+        check_batch(params, x, y)
         feedback = check_feedback(params, feedback, rule)  # here, not first inside jax.vmap
         one = functools.partial(single, activation=activation, loss=loss, rule=rule)
         per_example = lambda p, xm, ym, fb: one(p, xm, ym, feedback=fb)  # noqa: E731

@@ -70,6 +70,13 @@ def check_inputs(params: Params, x: Array, y: Array) -> None:
         )
 
 
+def check_batch(params: Params, x: Array, y: Array) -> None:
+    """``check_inputs`` for functions of a batch only: ``x`` must be ``(M, n_0)``."""
+    if x.ndim != 2:
+        raise ValueError(f"x must be a batch (M, n_0), got shape {x.shape}")
+    check_inputs(params, x, y)
+
+
 def affine(p: dict[str, Array], a: Array) -> Array:
     """Z = W A + b for a sample ``a: (n_in,)`` or a batch ``a: (M, n_in)``.
 

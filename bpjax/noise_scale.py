@@ -65,10 +65,15 @@ import jax.numpy as jnp
 
 from bpjax.feedback import Feedback
 from bpjax.formulas import manual_grad_and_output
-from bpjax.losses import wide_dtype
+from bpjax.losses import widen
 from bpjax.methods import check_method, grad_fn
-from bpjax.network import Params
-from bpjax.privacy import per_sample_errors, sq_norms_from_errors, sq_norms_from_factor_norms
+from bpjax.network import Params, check_batch
+from bpjax.privacy import (
+    per_sample_errors,
+    sq_norm,
+    sq_norms_from_errors,
+    sq_norms_from_factor_norms,
+)
 
 Array = jax.Array
 
@@ -93,28 +98,19 @@ def _check_batch_size(batch_size: int) -> int:
     return int(batch_size)
 
 
-def _wide(a: Array) -> Array:
-    """``a`` in at least float32: sums of squares of bfloat16 factors would lose digits."""
-    return a.astype(wide_dtype(a.dtype))
-
-
-def _sq_norm(tree: Params) -> Array:
-    return sum(jnp.sum(jnp.square(_wide(leaf))) for leaf in jax.tree.leaves(tree))
-
-
 def _manual_route(
     params: Params, x: Array, y: Array, *, activation: str, loss: str, rule: str,
     feedback: Feedback | None,
 ) -> tuple[Params, Array, Array]:
     """Section 7's gradient and, from its own factors, the ``(M,)`` |g_m|² of eq. (N)."""
-    col_sq = lambda a_NxM: jnp.sum(jnp.square(_wide(a_NxM)), axis=0)  # noqa: E731 ||column m||²
+    col_sq = lambda a_NxM: jnp.sum(jnp.square(widen(a_NxM)), axis=0)  # noqa: E731 ||column m||²
     dZ_sq: list[Array] = [None] * len(params)  # type: ignore[list-item]
     A_sq: list[Array] = [None] * len(params)  # type: ignore[list-item]
 
     def tap(l: int, dZ: Array, A: Array) -> None:
         dZ_sq[l] = col_sq(dZ)                                   # (M,) ||dZ^{l+1}_m||²
         # A^0 = X = x.T is a view: its columns are x's rows (summing the view copies x).
-        A_sq[l] = col_sq(A) if l > 0 else jnp.sum(jnp.square(_wide(x)), axis=1)  # ||A^l_m||²
+        A_sq[l] = col_sq(A) if l > 0 else jnp.sum(jnp.square(widen(x)), axis=1)  # ||A^l_m||²
 
     kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
     grads, Z_L = manual_grad_and_output(params, x, y, tap=tap, **kw)
@@ -144,8 +140,7 @@ def noise_stats_grad_fn(
     def fn(
         params: Params, x: Array, y: Array, feedback: Feedback = ()
     ) -> tuple[Params, Array, NoiseStats]:
-        if x.ndim != 2:
-            raise ValueError(f"x must be a batch (M, n_0), got shape {x.shape}")
+        check_batch(params, x, y)
         _check_batch_size(x.shape[0])
         kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
         if method == "manual":
@@ -154,7 +149,7 @@ def noise_stats_grad_fn(
             grads, Z_L = grads_of(params, x, y, feedback)
             dZs, activations, _ = per_sample_errors(params, x, y, **kw)
             sq_M = sq_norms_from_errors(dZs, activations)                # (N)
-        return grads, Z_L, NoiseStats(jnp.mean(sq_M), _sq_norm(grads))
+        return grads, Z_L, NoiseStats(jnp.mean(sq_M), sq_norm(grads))
 
     return fn
 

@@ -48,7 +48,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bpjax.errors import ConfigError
+from bpjax.errors import ConfigError, first_line
 from bpjax.formulas import manual_grad_and_output
 from bpjax.losses import wide_dtype
 from bpjax.methods import grad_fn
@@ -281,7 +281,7 @@ def backend_devices() -> list[jax.Device]:
         asked = jax.config.jax_platforms or "the default backend"
         gpu = any(p in asked for p in ("cuda", "rocm", "gpu"))
         hint = INSTALL_HINT["gpu" if gpu else "tpu" if "tpu" in asked else "cpu"]
-        first = (str(e).strip().splitlines() or ["its plugin is not installed"])[0][:160]
+        first = first_line(e, 160, otherwise="its plugin is not installed")
         raise ConfigError(
             f"--jax_platforms={asked}: JAX cannot start that backend ({first}); {hint}, or"
             " drop --jax_platforms to let JAX pick what it finds"
@@ -392,10 +392,9 @@ def initialize_distributed(cluster: Cluster, num_processes: int) -> None:
         else:
             jax.distributed.initialize(address, num_processes, process_id)
     except (RuntimeError, ValueError) as e:  # jax's errors are long; keep their first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"process {process_id} could not join the {num_processes}-process run at "
-            f"{address or 'the detected coordinator'}: {first}"
+            f"{address or 'the detected coordinator'}: {first_line(e, None)}"
         ) from None
 
 

@@ -77,9 +77,9 @@ from jax import lax
 from bpjax.activations import get_activation
 from bpjax.feedback import Feedback, check_feedback, error_rows
 from bpjax.formulas import manual_grad_and_output
-from bpjax.losses import get_loss, wide_dtype
+from bpjax.losses import get_loss, wide_dtype, widen
 from bpjax.methods import check_method, in_compute_dtype
-from bpjax.network import Params, check_inputs, forward, predict
+from bpjax.network import Params, check_batch, check_inputs, forward, predict
 
 Array = jax.Array
 PrivateGradFn = Callable[..., tuple[Params, Array]]  # (params, x, y, key, feedback=())
@@ -103,9 +103,7 @@ def per_sample_errors(
       ``(M, N_{l+1})``; ``activations[l]`` is A^l ``(M, N_l)`` with A^0 = x;
       ``Z_L: (M, N_L)`` the output.
     """
-    check_inputs(params, x, y)
-    if x.ndim != 2:
-        raise ValueError(f"x must be a batch (M, n_0), got {x.shape}")
+    check_batch(params, x, y)
     feedback = check_feedback(params, feedback, rule)
     _, sigma_prime = get_activation(activation)
     zs, activations = forward(params, x, activation)
@@ -114,13 +112,13 @@ def per_sample_errors(
     return dZs, activations, zs[-1]
 
 
-def _wide(a: Array) -> Array:
-    # Norms and clip factors in >= float32 (bfloat16 rows are upcast; float32 is untouched).
-    return a.astype(wide_dtype(a.dtype))
-
-
 def _sq_row_norms(a_MxN: Array) -> Array:
-    return jnp.sum(jnp.square(_wide(a_MxN)), axis=1)
+    return jnp.sum(jnp.square(widen(a_MxN)), axis=1)  # norms in >= float32
+
+
+def sq_norm(tree: Params) -> Array:
+    """The squared global L2 norm of a pytree, summed in at least float32."""
+    return sum(jnp.sum(jnp.square(widen(leaf))) for leaf in jax.tree.leaves(tree))
 
 
 def sq_norms_from_factor_norms(dZ_sq: Iterable[Array], A_sq: Iterable[Array]) -> Array:
@@ -285,7 +283,7 @@ def _per_sample_loss_and_output(params: Params, x_n: Array, y_n: Array, *, activ
 def _per_example_global_norm_clip(grads_M: Params, clip) -> tuple[Params, Array]:
     # optax's per_example_global_norm_clip on the pytree (leading axis M on every leaf).
     leaves = jax.tree.leaves(grads_M)
-    sq_M = sum(jnp.sum(jnp.square(_wide(g.reshape(g.shape[0], -1))), axis=1) for g in leaves)
+    sq_M = sum(jnp.sum(jnp.square(widen(g.reshape(g.shape[0], -1))), axis=1) for g in leaves)
     c_M = clip_factors(jnp.sqrt(sq_M), clip)
     return jax.tree.map(lambda g: jnp.tensordot(c_M, g, axes=1), grads_M), c_M
 
@@ -310,7 +308,7 @@ def _scan_clipped_sum(params, x, y, *, clip, activation, loss, rule, feedback):
 
     def add_clipped(total: Params, sample: tuple[Array, Array]) -> tuple[Params, Array]:
         g, z = manual_grad_and_output(params, *sample, **kw)
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(_wide(leaf))) for leaf in jax.tree.leaves(g)))
+        norm = jnp.sqrt(sq_norm(g))
         c = clip_factors(norm, clip)
         return jax.tree.map(lambda t, gi: t + c * gi, total, g), z
 

@@ -2,8 +2,8 @@
 
 A run directory is a record of an experiment; without the code version, the
 library versions and the machine, its numbers cannot be trusted or repeated.
-``provenance()`` collects them once per process start; every value is plain
-JSON. The git commit is read only when bpjax runs from a checkout (an
+``provenance(device)`` collects them when a run starts and when it resumes;
+every value is plain JSON. The git commit is read only when bpjax runs from a checkout (an
 installed wheel has none), with ``dirty`` telling whether the tree had
 uncommitted changes.
 """
@@ -31,9 +31,9 @@ def _version(package: str) -> str | None:
         return None
 
 
-def git_state(directory: str | None = None) -> dict[str, Any] | None:
-    """``{"commit": sha, "dirty": bool}`` of the checkout holding ``directory``, or None."""
-    directory = directory or os.path.dirname(os.path.abspath(__file__))
+def git_state() -> dict[str, Any] | None:
+    """``{"commit": sha, "dirty": bool}`` of the checkout bpjax runs from, or None."""
+    directory = os.path.dirname(os.path.abspath(__file__))
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True,
@@ -49,7 +49,10 @@ def git_state(directory: str | None = None) -> dict[str, Any] | None:
 
 
 def provenance(device: jax.Device | None = None) -> dict[str, Any]:
-    """The code, libraries, machine, time and command line of this process."""
+    """The code, libraries, machine, time and command line of this process.
+
+    ``device``: the run's (its platform and kind are recorded); default JAX's first.
+    """
     device = device if device is not None else jax.devices()[0]
     return {
         "versions": {p: _version(p) for p in _PACKAGES},

@@ -51,7 +51,7 @@ import numpy as np
 
 from bpjax.checkpoint import checkpoint_manager, restore_latest, save_checkpoint
 from bpjax.config import Config
-from bpjax.errors import BpjaxError, ConfigError, RunError
+from bpjax.errors import BpjaxError, ConfigError, RunError, first_line
 from bpjax.files import write_atomic
 from bpjax.provenance import provenance
 from bpjax.runlock import RunLock
@@ -134,10 +134,6 @@ def _check_resume(config: Config, workdir: str, recorded: Config | None) -> None
             " recorded settings), or choose a new --workdir"
         )
     differ = recorded.differences(config) if (config.resume and recorded) else {}
-    if differ == {} and recorded and config.resume and recorded.epochs != config.epochs and (
-        "cosine" in recorded.lr_schedule
-    ):  # the schedule decays over the run's --epochs: more epochs change every step's lr
-        differ = {"epochs": (recorded.epochs, config.epochs)}
     if differ:
         listed = "; ".join(f"--{k}: recorded {a!r}, given {b!r}" for k, (a, b) in differ.items())
         raise ConfigError(
@@ -157,9 +153,9 @@ class RunDir:
     """
 
     def __init__(self, config: Config, workdir: str, log: Log, is_main: bool,
-                 recorded: Config | None) -> None:  # fmt: skip
+                 recorded: Config | None, device: Any = None) -> None:  # fmt: skip
         self.config, self.workdir, self.log, self.is_main = config, workdir, log, is_main
-        self.recorded = recorded
+        self.recorded, self.device = recorded, device  # the run's device (provenance)
         self.lock = RunLock.acquire(workdir, warn=log) if is_main else None
         try:
             with self._writing("the checkpoint directory"):
@@ -178,13 +174,14 @@ class RunDir:
         self._train_s = 0.0  # training seconds so far, compilation and evaluation excluded
 
     @classmethod
-    def open(cls, config: Config, *, log: Log, is_main: bool = True) -> RunDir:
+    def open(cls, config: Config, *, log: Log, is_main: bool = True, device: Any = None) -> RunDir:
+        """The run directory of ``config``; ``device`` (the run's first) goes into provenance."""
         workdir = config.workdir or default_workdir(config)
         if os.path.exists(workdir) and not os.path.isdir(workdir):
             raise RunError(f"--workdir={workdir} is a file, not a directory: choose a directory")
         recorded = _recorded(workdir)
         _check_resume(config, workdir, recorded)
-        return cls(config, workdir, log, is_main, recorded)
+        return cls(config, workdir, log, is_main, recorded, device)
 
     def __enter__(self) -> RunDir:
         return self
@@ -200,8 +197,8 @@ class RunDir:
     def close(self) -> None:
         """Waits for the last checkpoint, closes the manager (its threads), frees the lock."""
         try:
+            self._wait_saved()
             with self._writing(f"the checkpoint of epoch {self.saved_epoch}"):
-                self.manager.wait_until_finished()
                 self.manager.close()
         finally:
             if self.lock:
@@ -218,10 +215,9 @@ class RunDir:
         except BpjaxError:
             raise
         except Exception as e:  # OSError, or Orbax/TensorStore wrapping one
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise RunError(
-                f"could not write {what} in {self.workdir} ({type(e).__name__}: {first}); the"
-                " checkpoints and metrics already there are intact: free space (or fix the"
+                f"could not write {what} in {self.workdir} ({type(e).__name__}: {first_line(e)});"
+                " the checkpoints and metrics already there are intact: free space (or fix the"
                 f" file system) and continue with --workdir={self.workdir} --resume"
             ) from None
 
@@ -252,8 +248,8 @@ class RunDir:
         self._train_s = self.history[-1].get("train_s", 0.0) if self.history else 0.0
         self._rewrite_metrics()
         changed = self.recorded.differences(self.config, resumable=True) if self.recorded else {}
-        self.event("resume", epoch=epoch, changed={k: list(v) for k, v in changed.items()
-                                                   if k != "resume"}, provenance=provenance())
+        changed = {k: list(v) for k, v in changed.items() if k != "resume"}
+        self.event("resume", epoch=epoch, changed=changed, provenance=provenance(self.device))
         self.log(f"resumed {self.workdir} from the checkpoint of epoch {epoch}")
         return state, epoch
 
@@ -271,7 +267,7 @@ class RunDir:
             return
         if not self.recorded:
             record = {**self.config.to_dict(), "sizes": list(sizes), "workdir": self.workdir,
-                      "provenance": provenance()}  # fmt: skip
+                      "provenance": provenance(self.device)}  # fmt: skip
             with self._writing(CONFIG):
                 write_atomic(self.path(CONFIG), json.dumps(record, indent=2) + "\n")
         self.event("start", epochs=self.config.epochs)
@@ -290,8 +286,7 @@ class RunDir:
         Asynchronous: a failed write of the previous save surfaces here (or at
         ``close``) as a RunError naming that epoch.
         """
-        with self._writing(f"the checkpoint of epoch {self.saved_epoch}"):
-            self.manager.wait_until_finished()  # the next save would wait for it anyway
+        self._wait_saved()  # the next save would wait for it anyway
         with self._writing(f"the checkpoint of epoch {epoch}"):
             save_checkpoint(self.manager, epoch, state, meta)
         self.saved_epoch = epoch
@@ -306,14 +301,21 @@ class RunDir:
         self.epoch_times.append(record["epoch_s"])
         if self.is_main:
             self._append(METRICS, record)
-        per_epoch = float(np.median(self.epoch_times)) * self.intervals_per_epoch
-        self.log(format_line(record, config.epochs, per_epoch * (config.epochs - epoch)))
+        self.log(format_line(record, config.epochs, self._epoch_s() * (config.epochs - epoch)))
 
     def last_checkpoint(self) -> int | None:
         """The epoch of the newest checkpoint on disk (after pending saves finish)."""
+        self._wait_saved()
+        return self.manager.latest_step()
+
+    def _wait_saved(self) -> None:
+        """Waits for the pending checkpoint write; a failed one is one line (``_writing``)."""
         with self._writing(f"the checkpoint of epoch {self.saved_epoch}"):
             self.manager.wait_until_finished()
-        return self.manager.latest_step()
+
+    def _epoch_s(self) -> float:
+        """The median interval's seconds times intervals per epoch: a typical epoch."""
+        return float(np.median(self.epoch_times)) * self.intervals_per_epoch
 
     def summary(self, loop_s: float, target: dict[str, Any] | None = None) -> str:
         """The closing log line (and where the target was reached, if it was)."""
@@ -321,8 +323,7 @@ class RunDir:
         acc = last.get("test_accuracy")
         median, reached = "", ""
         if self.epoch_times:
-            per_epoch = np.median(self.epoch_times) * self.intervals_per_epoch
-            median = f", median epoch {per_epoch:.3f}s"
+            median = f", median epoch {self._epoch_s():.3f}s"
         if target:
             reached = (f"; target reached at epoch {target['epoch']}, step {target['step']}, after"
                        f" {target['train_s']:.1f}s of training ({target['elapsed_s']:.1f}s wall)")

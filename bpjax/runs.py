@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from bpjax.checkpoint import checkpoint_manager, restore_epoch
-from bpjax.config import Config
+from bpjax.checkpoint import checkpoint_manager, newest_intact, restore_epoch
+from bpjax.config import Config, read_record
 from bpjax.errors import CheckpointError, RunError
 from bpjax.network import Params
 from bpjax.parallel import Placement
@@ -50,25 +50,27 @@ class Run:
     checkpoints: tuple[int, ...]  # the epochs with a checkpoint on disk
 
 
-def _record(workdir: str) -> dict[str, Any]:
-    import json
-
+def _record(workdir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``config.json`` as recorded and the run's events (none yet: ``[]``)."""
     path = os.path.join(workdir, CONFIG)
     if not os.path.isfile(path):
         raise RunError(f"no run at {workdir}: it has no {CONFIG}")
-    with open(path) as f:
-        return json.load(f)
+    events = os.path.join(workdir, EVENTS)
+    return read_record(path), read_jsonl(events) if os.path.exists(events) else []
 
 
-def run_config(workdir: str) -> Config:
-    """The run's settings: ``config.json`` plus the changes its resumes recorded."""
-    config = Config.from_json(os.path.join(workdir, CONFIG))
-    events_path = os.path.join(workdir, EVENTS)
-    events = read_jsonl(events_path) if os.path.exists(events_path) else []
+def _replay(record: dict[str, Any], events: list[dict[str, Any]]) -> Config:
+    """The recorded settings with the changes the resumes recorded applied in order."""
+    config = Config.from_json(record)
     for event in events:
         if event.get("event") == "resume":
             config = config.replace(**{k: v[1] for k, v in event.get("changed", {}).items()})
     return config
+
+
+def run_config(workdir: str) -> Config:
+    """The run's settings: ``config.json`` plus the changes its resumes recorded."""
+    return _replay(*_record(workdir))
 
 
 def load_run(workdir: str, epoch: int | None = None) -> Run:
@@ -78,11 +80,9 @@ def load_run(workdir: str, epoch: int | None = None) -> Run:
     that holds no run, CheckpointError for an epoch without an intact checkpoint
     (the message lists the epochs there are).
     """
-    record = _record(workdir)
-    config = run_config(workdir)
+    record, events = _record(workdir)
+    config = _replay(record, events)
     sizes = tuple(record["sizes"])
-    events_path = os.path.join(workdir, EVENTS)
-    events = read_jsonl(events_path) if os.path.exists(events_path) else []
     x64 = jax.enable_x64(True) if config.dtype == "float64" else contextlib.nullcontext()
     with x64:
         template = init_state(config, sizes, Placement(jax.devices("cpu")[0]))
@@ -110,14 +110,13 @@ def _restore(manager: Any, template: Any, meta: dict[str, Any], epoch: int | Non
                 " the initial parameters, is always there)"
             )
         return restore_epoch(manager, epoch, template, meta), epoch
-    for e in reversed(available):
-        try:
-            return restore_epoch(manager, e, template, meta), e
-        except CheckpointError:
-            raise
-        except Exception as err:  # a damaged checkpoint: read the one before
-            warnings.warn(f"checkpoint {manager.directory}/{e} cannot be read ({err!s:.120});"
-                          " using the one before it", stacklevel=3)  # fmt: skip
+    def skip(e: int, err: Exception) -> None:  # a damaged checkpoint: read the one before
+        warnings.warn(f"checkpoint {manager.directory}/{e} cannot be read ({err!s:.120});"
+                      " using the one before it", stacklevel=5)  # the caller of load_run
+
+    found = newest_intact(manager, available, template, meta, on_damaged=skip)
+    if found is not None:
+        return found
     raise CheckpointError(f"{manager.directory} holds no intact checkpoint (epoch 0 does not"
                           " need one: load_run(workdir, epoch=0))")  # fmt: skip
 

@@ -11,11 +11,13 @@ benchmarks time exactly this step (``bpjax.bench.steps``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.sharding import Mesh
@@ -43,16 +45,29 @@ _FUSE_ELEMENTWISE_UP_TO = 256
 _LIBRARY = "LIBRARY_FUSION_TYPE_"
 
 
-def compiler_options(platform: str, rows_per_device: int) -> dict[str, str]:
-    """XLA options for compiling the training step: per platform and batch rows per device.
+def compiler_options(platform: str, rows_per_device: int) -> dict[str, str] | None:
+    """XLA options for compiling the training step (``jax.jit(compiler_options=...)``).
 
-    Empty but on a CPU at small batches (see ``_FUSE_ELEMENTWISE_UP_TO``): there, the
+    None but on a CPU at small batches (see ``_FUSE_ELEMENTWISE_UP_TO``): there, the
     YNNPACK library fusions take dots with their elementwise neighbours (the default
-    takes each dot alone) and reductions.
+    takes each dot alone) and reductions. The option is experimental: an XLA that does
+    not know it gets None, so every caller compiles as it would without it.
     """
     if platform != "cpu" or rows_per_device > _FUSE_ELEMENTWISE_UP_TO:
-        return {}
-    return {"xla_cpu_experimental_ynn_fusion_type": f"{_LIBRARY}DOT,{_LIBRARY}REDUCE"}
+        return None
+    options = (("xla_cpu_experimental_ynn_fusion_type", f"{_LIBRARY}DOT,{_LIBRARY}REDUCE"),)
+    return dict(options) if _cpu_accepts(options) else None
+
+
+@functools.cache
+def _cpu_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this process's XLA:CPU compiles with ``options`` (one tiny compile, once)."""
+    one = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+    try:
+        jax.jit(lambda a: a + 1, compiler_options=dict(options)).lower(one).compile()
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
 
 
 class TrainState(NamedTuple):
@@ -147,6 +162,28 @@ def train_step(
         updates, opt_state = optimizer.update(pair_grads, state.opt_state, pair)
         params, feedback = optax.apply_updates(pair, updates)
     return TrainState(params, opt_state, state.step + 1, feedback), metrics
+
+
+def make_train_step(
+    config: Config, mesh: Mesh | None = None, *, steps_per_epoch: int = 1, classify: bool = True
+) -> Callable[[TrainState, Array, Array, Array], tuple[TrainState, dict[str, Array]]]:
+    """``train_step`` as a run of ``config`` takes it: ``(state, x, y, key) -> (state, metrics)``.
+
+    The configured gradient (``make_grad``), update rule and schedule
+    (``make_optimizer``; ``steps_per_epoch`` converts epochs to steps), and under kp
+    the feedback matrices learning with decay ``config.kp_decay``.
+    """
+    return functools.partial(
+        train_step, grad=make_grad(config, mesh), loss=config.loss,
+        optimizer=make_optimizer(config, steps_per_epoch), classify=classify,
+        kp_decay=config.kp_decay if config.feedback == "kp" else None,
+    )  # fmt: skip
+
+
+def initial_opt_state(config: Config, params: Params, feedback: Feedback = ()) -> optax.OptState:
+    """The update rule's state at step 0: of ``params``, or under kp of ``(params, feedback)``."""
+    learned = (params, feedback) if config.feedback == "kp" else params
+    return make_optimizer(config).init(learned)
 
 
 def run_steps(

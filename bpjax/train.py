@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import re
 import time
@@ -50,7 +49,7 @@ import numpy as np
 
 from bpjax.config import Config
 from bpjax.data import Dataset, load_dataset
-from bpjax.errors import ConfigError, TrainingError
+from bpjax.errors import ConfigError, TrainingError, is_out_of_memory
 from bpjax.evaluation import (
     Evaluator,
     check_health,
@@ -66,9 +65,11 @@ from bpjax.step import (  # noqa: F401 - the step's names, importable from here 
     GradFn,
     TrainState,
     compiler_options,
+    initial_opt_state,
     learning_rate,
     make_grad,
     make_optimizer,
+    make_train_step,
     run_epoch,
     run_steps,
     train_step,
@@ -154,8 +155,7 @@ def init_state(config: Config, sizes: tuple[int, ...], place: Placement) -> Trai
     dtype = jnp.dtype(config.param_dtype)
     params = init_params(init_key, sizes, dtype)
     feedback = init_feedback(init_key, sizes, config.feedback, dtype)
-    learned = (params, feedback) if config.feedback == "kp" else params
-    opt_state = make_optimizer(config).init(learned)
+    opt_state = initial_opt_state(config, params, feedback)
     return place.put(TrainState(params, opt_state, np.zeros((), np.int32), feedback))
 
 
@@ -195,28 +195,18 @@ class EpochProgram:
         t0 = time.perf_counter()
         rows = config.batch // (place.mesh.size if place.mesh is not None else 1)
         options = compiler_options(place.device.platform, rows)
-        self.jitted = jax.jit(self._chunk, donate_argnums=0, compiler_options=options or None)
+        self.jitted = jax.jit(self._chunk, donate_argnums=0, compiler_options=options)
         args = (state, data.x_train, data.y_train, jax.random.fold_in(self.data_key, 0),
                 np.zeros((), np.int32))  # fmt: skip
-        try:
-            self.compiled = self.jitted.lower(*args).compile()
-        except jax.errors.JaxRuntimeError:
-            if not options:
-                raise
-            # An XLA without that (experimental) option: compile as it comes.
-            self.jitted = jax.jit(self._chunk, donate_argnums=0)
-            self.compiled = self.jitted.lower(*args).compile()
+        self.compiled = self.jitted.lower(*args).compile()
         self.args = jax.tree.map(_abstract, args)  # shapes only: the state is donated later
         self.compile_s = time.perf_counter() - t0
 
     def _chunk(self, state, x, y, key, first):
         self.traces += 1  # runs at trace time only: counts compilations
         config = self.config
-        step_fn = functools.partial(
-            train_step, grad=make_grad(config, self.place.mesh), loss=config.loss,
-            optimizer=make_optimizer(config, self.steps_per_epoch), classify=self.classify,
-            kp_decay=config.kp_decay if config.feedback == "kp" else None,
-        )  # fmt: skip
+        step_fn = make_train_step(config, self.place.mesh, steps_per_epoch=self.steps_per_epoch,
+                                  classify=self.classify)  # fmt: skip
         return run_steps(state, x, y, key, first, step_fn=step_fn, batch=config.batch,
                          steps=self.chunk_steps, place=self.place)  # fmt: skip
 
@@ -271,7 +261,7 @@ def train(
         place = Placement.for_config(config)
         quiet = log is None or not place.is_main  # only process 0 logs
         with RunDir.open(config, log=(lambda _: None) if quiet else log,
-                         is_main=place.is_main) as run:  # fmt: skip
+                         is_main=place.is_main, device=place.device) as run:  # fmt: skip
             return _train_epochs(config, dataset, place, run, stop or (lambda: False))
 
 
@@ -343,12 +333,9 @@ def _out_of_memory_as_error(config: Config) -> Iterator[None]:
     try:
         yield
     except (jax.errors.JaxRuntimeError, MemoryError) as e:
-        text = str(e)
-        if not isinstance(e, MemoryError) and not re.search(
-            r"RESOURCE_EXHAUSTED|out of memory", text, re.IGNORECASE
-        ):
+        if not is_out_of_memory(e):
             raise
-        asked = re.search(r"allocat\w* (\d+) bytes", text)
+        asked = re.search(r"allocat\w* (\d+) bytes", str(e))
         size = f" {int(asked.group(1)) / 1e9:.3g} GB" if asked else ""
         sizes = config.sizes
         n_params = sum(a * b + b for a, b in itertools.pairwise(sizes))

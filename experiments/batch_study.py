@@ -84,7 +84,7 @@ from absl import flags, logging
 
 from bpjax import cli
 from bpjax.bench import study
-from bpjax.bench.report import csv_text, write_json
+from bpjax.bench.report import csv_text, save_png, write_json
 from bpjax.bench.timing import device_info
 from bpjax.config import (
     LR_SCALINGS,
@@ -94,13 +94,13 @@ from bpjax.config import (
     Config,
     check_choices,
     check_positive_int,
+    scaled_lr,
     setting,
 )
 from bpjax.data import Dataset, load_dataset
-from bpjax.errors import ConfigError, TrainingError
+from bpjax.errors import ConfigError
 from bpjax.files import write_atomic
 from bpjax.rundir import read_metrics
-from bpjax.train import train
 
 DEFAULT_LR = {"sgd": 0.3, "momentum": 0.03, "adam": 1e-3}
 FINISHED = ("reached", "budget", "diverged")
@@ -214,24 +214,22 @@ def finished(record: Mapping[str, Any] | None, epochs: int) -> bool:
     return record["status"] != "budget" or record["budget_epochs"] >= epochs
 
 
-def run_trial(config: Config, dataset: Dataset, verbose: bool, platform: str,
-              steps_per_epoch: int, **fields: Any) -> dict[str, Any]:  # fmt: skip
-    """Trains one trial (resuming its workdir), writes and returns its ``trial.json`` record."""
+def run_trial(config: Config, dataset: Dataset, verbose: bool, **fields: Any) -> dict[str, Any]:
+    """Trains one trial (resuming its workdir), writes and returns its ``trial.json`` record.
+
+    A trial stopped by a ``TrainingError`` (diverged, or out of memory) is infeasible.
+    """
     t0 = time.perf_counter()
     log = (lambda line: print("    " + line, flush=True)) if verbose else None
-    status, reason, compile_s = "", "", None
-    try:
-        result = train(config, dataset=dataset, log=log)
-        history, compile_s = result.history, result.compile_s
-    except TrainingError as e:  # diverged (or out of memory): infeasible, the study goes on
-        history, status, reason = read_metrics(config.workdir), "diverged", str(e)
+    history, compile_s, error = study.train_or_stopped(config, dataset, log)
     hit = study.first_hit(history, config.target_accuracy)
-    status = "reached" if hit else status or "budget"
+    status = "reached" if hit else "diverged" if error else "budget"
     last = history[-1] if history else {}
     upto = [m for m in history if hit is None or m["step"] <= hit["step"]]
     noise = study.run_b_simple(upto)
+    steps_per_epoch = (config.train_examples or dataset.x_train.shape[0]) // config.batch
     record = {
-        "platform": platform, "batch": config.batch, "lr": config.lr, "status": status,
+        "platform": config.platform, "batch": config.batch, "lr": config.lr, "status": status,
         **fields, "budget_epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
         "eval_every_steps": config.eval_every_steps,
         "target_step": hit["step"] if hit else None,
@@ -244,20 +242,21 @@ def run_trial(config: Config, dataset: Dataset, verbose: bool, platform: str,
         "best_test_accuracy": max((m["test_accuracy"] for m in history), default=None),
         "b_simple": noise["ratio"], "b_simple_median": noise["median"],
         "wall_s": time.perf_counter() - t0, "load_average": os.getloadavg()[0],
-        "reason": reason, "workdir": config.workdir,
+        "reason": error or "", "workdir": config.workdir,
     }  # fmt: skip
     write_atomic(os.path.join(config.workdir, "trial.json"), json.dumps(record, indent=1) + "\n")
     return record
 
 
-def batch_trials(s: StudySettings, platform: str, batch: int, dataset: Dataset,
+def batch_trials(s: StudySettings, platform: str, grid: Mapping[str, Any], dataset: Dataset,
                  progress: Progress) -> list[dict[str, Any]]:  # fmt: skip
-    """The grid's trials at one batch size, centre first; a hit caps the later budgets."""
-    spe = s.train_examples // batch
-    every = study.eval_every(spe, s.evals_per_epoch)
-    full = study.budget_epochs(spe, s.max_epochs, s.max_steps)
-    lrs = study.lr_grid(batch, s.lr, s.lr_reference_batch, s.lr_scaling, s.lrs_per_batch,
-                        s.lr_factor)  # fmt: skip
+    """One batch size's trials, centre first; a hit caps the later budgets.
+
+    ``grid``: the batch size's entry of :func:`study_grid` (lrs, cadence, full budget).
+    """
+    batch, spe, lrs = grid["batch"], grid["steps_per_epoch"], grid["lrs"]
+    every, full = grid["eval_every_steps"], grid["budget_epochs"]
+    centre = scaled_lr(s.lr, batch, s.lr_reference_batch, s.lr_scaling)  # the lrs' centre
     trials, best_step = [], None
     for i in study.trial_order(len(lrs)):
         epochs = full
@@ -268,9 +267,8 @@ def batch_trials(s: StudySettings, platform: str, batch: int, dataset: Dataset,
         ran = not finished(record, epochs)
         if ran:
             config = trial_config(s, platform, batch, lrs[i], epochs, every, workdir)
-            centre = study.centre_lr(batch, s.lr, s.lr_reference_batch, s.lr_scaling)
-            record = run_trial(config, dataset, s.verbose, platform, spe, lr_index=i,
-                               lr_centre=centre, pruned=epochs < full)  # fmt: skip
+            record = run_trial(config, dataset, s.verbose, lr_index=i, lr_centre=centre,
+                               pruned=epochs < full)  # fmt: skip
         trials.append(record)
         progress.line(record, ran, s.target_accuracy)
         if record["status"] == "reached":
@@ -309,8 +307,7 @@ def default_run(s: StudySettings, platform: str, dataset: Dataset) -> dict[str, 
     if not finished(record, 40):
         config = Config(epochs=40, target_accuracy=s.target_accuracy, dataset=s.dataset,
                         seed=s.seed, platform=platform, workdir=workdir, resume=True)  # fmt: skip
-        spe = dataset.x_train.shape[0] // config.batch
-        record = run_trial(config, dataset, s.verbose, platform, spe)
+        record = run_trial(config, dataset, s.verbose)
     print(f"default config (batch 128, lr 0.1, sgd, all images, evaluated per epoch): "
           f"{record['status']} at epoch {record['target_epoch']}, "
           f"{record['target_train_s'] or math.nan:.2f}s training", flush=True)  # fmt: skip
@@ -357,12 +354,12 @@ def write_outputs(s: StudySettings, trials: list[dict[str, Any]], summary: dict[
         f"{100 * s.target_accuracy:g}% test accuracy, {s.lrs_per_batch} lrs per batch"
         f" ({s.lr_scaling} rule, x{s.lr_factor:g} apart), {s.train_examples} images"
     )
-    study.save_png(study.steps_figure(summary["rows"], summary["fits"], summary["b_simple"],
-                                      title), paths[2])  # fmt: skip
-    study.save_png(study.seconds_figure(summary["rows"], title), paths[3])
+    save_png(study.steps_figure(summary["rows"], summary["fits"], summary["b_simple"], title),
+             paths[2])  # fmt: skip
+    save_png(study.seconds_figure(summary["rows"], title), paths[3])
     curves = b_simple_curves(trials, s.platforms[0])
-    study.save_png(study.b_simple_figure(curves, f"{title}; {s.platforms[0]}, best trial per"
-                                         " batch, up to its hit"), paths[4])  # fmt: skip
+    save_png(study.b_simple_figure(curves, f"{title}; {s.platforms[0]}, best trial per batch,"
+                                   " up to its hit"), paths[4])  # fmt: skip
     return paths
 
 
@@ -381,8 +378,8 @@ def main(argv: Sequence[str]) -> None:
     defaults = {p: default_run(s, p, dataset) for p in s.platforms} if s.compare_default else {}
     progress, trials = Progress(total), []
     for platform in s.platforms:
-        for batch in s.batches:
-            trials += batch_trials(s, platform, batch, dataset, progress)
+        for entry in grid:
+            trials += batch_trials(s, platform, entry, dataset, progress)
     summary = study.summarize(trials, s.platforms)
     compare = {
         p: study.compare_with_default(trials, d, s.target_accuracy) for p, d in defaults.items()

@@ -30,12 +30,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bpjax import cli, privacy
 from bpjax.bench.report import write_json
-from bpjax.bench.timing import compare_fns, compile_fn, device_info
+from bpjax.bench.steps import random_batch
+from bpjax.bench.timing import compare_fns, compile_fn, machine_line
 from bpjax.config import Config, check_positive_float, check_positive_int, check_sizes, setting
 from bpjax.formulas import manual_grad_and_output
 from bpjax.network import init_params
@@ -84,9 +84,7 @@ def route_fns(s: DPBench) -> dict[str, Callable]:
 
 def measure(s: DPBench, fns: dict[str, Callable], params: Any, batch: int) -> dict[str, Any]:
     """One row: every route's compile time and XLA memory, and the timed ones' statistics."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(batch, s.sizes[0])), jnp.float32)
-    y = jnp.asarray(np.eye(s.sizes[-1], dtype=np.float32)[rng.integers(0, s.sizes[-1], batch)])
+    x, y = jax.device_put(random_batch(s.sizes, batch, np.random.default_rng(0)))
     args = (params, x, y, jax.random.key(1))
     row, timed = {"batch": batch}, {}
     for name in ROUTES:
@@ -130,9 +128,7 @@ def format_row(row: dict[str, Any]) -> str:
 def main(argv: Sequence[str]) -> None:
     del argv
     settings = cli.from_flags(DPBench)
-    info = device_info()
-    print(f"device: {info['device_kind']} ({info['platform']}, {info['cpu_count']} cores, "
-          f"load {info['load_average'][0]:.1f}), sizes {settings.sizes}, float32")
+    print(machine_line(settings.sizes) + ", float32")
     print(HEADER + "\n" + "-" * len(HEADER))
     params, fns, rows = init_params(jax.random.key(0), settings.sizes), route_fns(settings), []
     for batch in settings.batches:

@@ -29,15 +29,15 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from bpjax import cli
 from bpjax.bench.report import write_json
-from bpjax.bench.timing import compare_fns, device_info
+from bpjax.bench.steps import random_batch
+from bpjax.bench.timing import compare_fns, machine_line
 from bpjax.config import Config, check_choices, check_positive_int, setting
 from bpjax.feedback import FEEDBACK_RULES, alignment, init_feedback
 from bpjax.network import init_params
-from bpjax.train import TrainState, compiler_options, make_grad, make_optimizer, train_step
+from bpjax.train import TrainState, compiler_options, initial_opt_state, make_train_step
 
 NET = Config()  # the network, activation, loss and lr of a training run
 FLOOR = 1.05
@@ -72,20 +72,16 @@ def rule_step(rule: str, decay: float, batch: int) -> Callable:
     rule's gradient (``make_grad``) and plain SGD; the rule's B rides in
     ``state.feedback`` and, under kp, learns with W (``kp_decay``), as in training.
     """
-    config = Config(feedback=rule, kp_decay=decay, batch=batch)
-    step_fn = functools.partial(
-        train_step, grad=make_grad(config), optimizer=make_optimizer(config), loss=config.loss,
-        kp_decay=decay if rule == "kp" else None,
-    )  # fmt: skip
+    step_fn = make_train_step(Config(feedback=rule, kp_decay=decay, batch=batch))
     options = compiler_options(jax.devices()[0].platform, batch)
     return jax.jit(lambda state, x, y: step_fn(state, x, y, None), donate_argnums=0,
-                   compiler_options=options or None)  # fmt: skip
+                   compiler_options=options)  # fmt: skip
 
 
 def rule_state(rule: str, params: Any, feedback: Any) -> TrainState:
     """Step 0 of the training state: the params, SGD's state (of the pair under kp), B."""
-    learned = (params, feedback) if rule == "kp" else params
-    return TrainState(params, optax.sgd(NET.lr).init(learned), np.zeros((), np.int32), feedback)
+    opt_state = initial_opt_state(Config(feedback=rule), params, feedback)
+    return TrainState(params, opt_state, np.zeros((), np.int32), feedback)
 
 
 def bench(s: FeedbackBench) -> list[dict[str, Any]]:
@@ -96,10 +92,7 @@ def bench(s: FeedbackBench) -> list[dict[str, Any]]:
     copy = functools.partial(jax.tree.map, lambda a: a.copy())
     rows = []
     for batch in s.batches:
-        rng = np.random.default_rng(batch)
-        x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
-        y = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], batch)]
-        x, y = jax.device_put((x, y))
+        x, y = jax.device_put(random_batch(sizes, batch, np.random.default_rng(batch)))
         steps = {r: (rule_step(r, s.kp_decay, batch),
                      (rule_state(r, copy(params), copy(feedback[r])), x, y))
                  for r in s.rules}  # fmt: skip
@@ -139,9 +132,7 @@ def _line(r: dict[str, Any]) -> str:
 def main(argv: Sequence[str]) -> None:
     del argv
     settings = cli.from_flags(FeedbackBench)
-    info = device_info()
-    print(f"{info['device_kind']} ({info['processor']}, {info['cpu_count']} cpus, "
-          f"load {info['load_average']}), jax {info['jax_version']}, sizes {NET.sizes}")
+    print(machine_line(NET.sizes))
     print("ratio = rule's step median / bp's (<= 1.05: within the floor)")
     print(HEADER)
     rows = bench(settings)

@@ -29,8 +29,8 @@ import numpy as np
 
 from bpjax import cli
 from bpjax.bench.report import write_json
-from bpjax.bench.steps import sgd_state, sgd_step, step_flops
-from bpjax.bench.timing import compare_fns, device_info
+from bpjax.bench.steps import random_batch, sgd_state, sgd_step, step_flops
+from bpjax.bench.timing import compare_fns, machine_line
 from bpjax.config import Config, check_positive_int, check_sizes, setting
 from bpjax.methods import grad_fn
 from bpjax.network import init_params
@@ -72,16 +72,11 @@ def bench(s: GradBench) -> list[dict[str, Any]]:
     params = init_params(jax.random.key(0), s.sizes)
     rows = []
     for batch in s.batches:
-        rng = np.random.default_rng(batch)
-        x = rng.standard_normal((batch, s.sizes[0])).astype(np.float32)
-        y = np.eye(s.sizes[-1], dtype=np.float32)[rng.integers(0, s.sizes[-1], batch)]
-        x, y = jax.device_put((x, y))
+        x, y = jax.device_put(random_batch(s.sizes, batch, np.random.default_rng(batch)))
         # Both methods compiled as the training loop compiles its step at this batch.
         options = compiler_options(jax.devices()[0].platform, batch)
-        grads = {m: (jax.jit(grad_fn(m, **net), compiler_options=options or None), (params, x, y))
+        grads = {m: (jax.jit(grad_fn(m, **net), compiler_options=options), (params, x, y))
                  for m in METHODS}  # fmt: skip
-        if s.dump_hlo:
-            _dump_hlo(s.dump_hlo, batch, grads)
         steps = {m: (sgd_step(m, **net, lr=NET.lr, compiler_options=options)[0],
                      (sgd_state(jax.tree.map(lambda a: a.copy(), params)), x, y))
                  for m in METHODS}  # fmt: skip
@@ -95,6 +90,8 @@ def bench(s: GradBench) -> list[dict[str, Any]]:
                 "manual_gflops": step_flops(s.sizes, batch) / t["manual"].median_s / 1e9,
             })  # fmt: skip
             print(_line(rows[-1]), flush=True)
+        if s.dump_hlo:  # after the timing: compiling first would make its compile_s a cache hit
+            _dump_hlo(s.dump_hlo, batch, grads)
     return rows
 
 
@@ -115,9 +112,7 @@ def _line(r: dict[str, Any]) -> str:
 def main(argv: Sequence[str]) -> None:
     del argv
     settings = cli.from_flags(GradBench)
-    info = device_info()
-    print(f"{info['device_kind']} ({info['processor']}, {info['cpu_count']} cpus, "
-          f"load {info['load_average']}), jax {info['jax_version']}, sizes {settings.sizes}")
+    print(machine_line(settings.sizes))
     print("ratio = autodiff median / manual median (>= 1.00: manual not slower)")
     print(HEADER)
     rows = bench(settings)

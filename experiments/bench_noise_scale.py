@@ -25,18 +25,16 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from bpjax import cli
 from bpjax.bench.report import write_json
-from bpjax.bench.steps import sgd_state
-from bpjax.bench.timing import compare_fns, device_info
+from bpjax.bench.steps import random_batch, sgd_state
+from bpjax.bench.timing import compare_fns, machine_line
 from bpjax.config import Config, check_positive_int, check_sizes, setting
 from bpjax.errors import ConfigError
-from bpjax.methods import METHODS, grad_fn
+from bpjax.methods import METHODS
 from bpjax.network import init_params
-from bpjax.noise_scale import noise_stats_grad_fn
-from bpjax.train import TrainState, run_epoch, train_step
+from bpjax.train import make_train_step, run_epoch
 
 NET = Config()  # the network, activation, loss and lr of a training run
 
@@ -65,37 +63,19 @@ cli.define_flags(NoiseScaleBench)
 
 
 def sgd_steps(method: str, *, activation: str, loss: str, lr: float) -> dict[str, Callable]:
-    """``{"plain", "stats"}``: ``train_step`` with ``optax.sgd(lr)``, ``(state, x, y, key)``.
+    """``{"plain", "stats"}``: the training loop's SGD step, ``(state, x, y, key)``.
 
-    ``plain`` takes its gradient from ``grad_fn(method)``, as ``bpjax.bench.steps.sgd_step``
-    does; ``stats`` from ``noise_stats_grad_fn(method)``, its ``NoiseStats`` in the metrics.
+    ``make_train_step`` of a run without and with ``noise_scale``: ``plain`` takes its
+    gradient from ``grad_fn(method)``, ``stats`` from ``noise_stats_grad_fn(method)``,
+    its ``NoiseStats`` in the metrics. (Compiled without ``step.compiler_options``.)
     """
-    grads_of = grad_fn(method, activation=activation, loss=loss)
-    with_stats = noise_stats_grad_fn(method, activation=activation, loss=loss)
-
-    def build(stats: bool) -> Callable:
-        def step(state: TrainState, x: Any, y: Any, key: Any) -> tuple[TrainState, dict]:
-            found = {}
-
-            def grad(params: Any, x: Any, y: Any, key: Any, *feedback: Any) -> tuple[Any, Any]:
-                if not stats:
-                    return grads_of(params, x, y, *feedback)
-                grads, outputs, found["noise"] = with_stats(params, x, y, *feedback)
-                return grads, outputs
-
-            step_fn = functools.partial(train_step, grad=grad, optimizer=optax.sgd(lr), loss=loss)
-            state, metrics = step_fn(state, x, y, key)
-            return state, {**metrics, **(found["noise"]._asdict() if stats else {})}
-
-        return step
-
-    return {"plain": build(False), "stats": build(True)}
+    net = Config(method=method, activation=activation, loss=loss, lr=lr)
+    return {name: make_train_step(net.replace(noise_scale=stats))
+            for name, stats in (("plain", False), ("stats", True))}  # fmt: skip
 
 
 def _data(n: int, sizes: tuple[int, ...], seed: int) -> tuple[Any, Any]:
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, sizes[0])).astype(np.float32)
-    y = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], n)]
+    x, y = random_batch(sizes, n, np.random.default_rng(seed))
     return jax.device_put((x, y))
 
 
@@ -146,9 +126,7 @@ def _line(r: dict[str, Any]) -> str:
 def main(argv: Sequence[str]) -> None:
     del argv
     settings = cli.from_flags(NoiseScaleBench)
-    info = device_info()
-    print(f"{info['device_kind']} ({info['processor']}, {info['cpu_count']} cpus, "
-          f"load {info['load_average']}), jax {info['jax_version']}, sizes {settings.sizes}")
+    print(machine_line(settings.sizes))
     print("overhead = step with noise stats / plain step - 1 (medians, interleaved)")
     print(HEADER)
     rows = bench(settings)

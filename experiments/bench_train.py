@@ -43,10 +43,9 @@ from bpjax.config import check_positive_int, setting
 from bpjax.train import (
     TrainState,
     compiler_options,
-    make_grad,
-    make_optimizer,
+    initial_opt_state,
+    make_train_step,
     run_epoch,
-    train_step,
 )
 
 
@@ -72,14 +71,12 @@ def epoch_variants(config: Config, data: Dataset) -> dict[str, tuple[Callable, t
     y = jax.nn.one_hot(jnp.asarray(data.y_train), sizes[-1], dtype=jnp.float32)
     x_host, y_host = np.asarray(x), np.asarray(y)
     steps = x.shape[0] // batch
-    optimizer = make_optimizer(config)
     params = init_params(jax.random.key(0), sizes)
-    state = TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    step = functools.partial(train_step, grad=make_grad(config), optimizer=optimizer,
-                             loss=config.loss)  # fmt: skip
+    state = TrainState(params, initial_opt_state(config, params), jnp.zeros((), jnp.int32))
+    step = make_train_step(config)
     # Every variant is compiled as bpjax.train compiles its epoch (step.compiler_options).
     jit = functools.partial(jax.jit, compiler_options=compiler_options(
-        jax.devices()[0].platform, batch) or None)  # fmt: skip
+        jax.devices()[0].platform, batch))  # fmt: skip
     jit_step = jit(step, donate_argnums=0)
 
     def python_loop(state: TrainState, seed: int) -> TrainState:
@@ -125,7 +122,6 @@ def time_to_98(epochs: int) -> tuple[dict[str, Any] | None, list[dict[str, Any]]
 def main(argv: Sequence[str]) -> None:
     del argv
     settings = cli.from_flags(TrainBench)
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint at INFO
     config = Config(batch=settings.batch)
     data = load_dataset(config.dataset, progress=False)
     timings = compare_fns(epoch_variants(config, data), repeats=settings.repeats, warmup=1,
@@ -154,4 +150,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, verbosity=logging.WARNING)  # Orbax logs every checkpoint at INFO

@@ -43,7 +43,7 @@ import time
 import jax
 
 from bpjax import cli
-from bpjax.config import PLATFORMS, setting
+from bpjax.config import PLATFORMS, check_choices, setting
 from bpjax.files import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,10 @@ class CheckSettings:
     smoke: bool = setting(False, "Tiny settings for every stage (CI runs this on the CPU).")
     data_dir: str | None = setting(None, "The four MNIST IDX files (.gz): no network there.")
     out_dir: str | None = setting(None, "Default: experiments/results/<platform>-<device>/.")
-    stages: tuple[str, ...] = setting(STAGES, f"Stages to run, any of: {', '.join(STAGES)}.")
+    stages: tuple[str, ...] = setting(STAGES, "Stages to run.", choices=STAGES)
+
+    def __post_init__(self) -> None:  # a list flag's values are checked here, up front
+        check_choices("stages", self.stages, STAGES)
 
 
 def stage_commands(s: CheckSettings, out: str) -> dict[str, tuple[list[str], float]]:

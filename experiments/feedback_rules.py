@@ -55,7 +55,6 @@ never tuned): fa and dfa >= 97.0% mean test accuracy; kp within 0.3 points of bp
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -65,14 +64,14 @@ import numpy as np
 from absl import flags, logging
 
 from bpjax import cli
-from bpjax.bench.report import csv_text, write_json
+from bpjax.bench.report import csv_text, save_png, write_json
+from bpjax.bench.study import train_or_stopped
 from bpjax.config import Config, check_choices, check_positive_int, setting
 from bpjax.data import Dataset, load_dataset
-from bpjax.errors import ConfigError, TrainingError
+from bpjax.errors import ConfigError
 from bpjax.feedback import FEEDBACK_RULES
 from bpjax.files import write_atomic
 from bpjax.rundir import read_metrics
-from bpjax.train import train
 
 PROTOCOLS = ("default", "akrout")
 DATASETS = ("mnist", "fashion_mnist")
@@ -211,12 +210,9 @@ def run_one(config: Config, dataset: Dataset, verbose: bool) -> dict[str, Any]:
     """Trains (or skips, when finished) one run: its status, history and wall time."""
     t0 = time.perf_counter()
     history, status, reason = finished_history(config), "finished before", ""
-    if history is None:
-        try:
-            history = train(config, dataset=dataset, log=print if verbose else None).history
-            status = "trained"
-        except TrainingError as e:  # a diverged run is a result too: report it, go on
-            history, status, reason = read_metrics(config.workdir), "stopped", str(e)
+    if history is None:  # a diverged run is a result too: report it, go on
+        history, _, error = train_or_stopped(config, dataset, print if verbose else None)
+        status, reason = ("trained", "") if error is None else ("stopped", error)
     return {"rule": config.feedback, "seed": config.seed, "lr": config.lr,
             "workdir": config.workdir, "status": status, "reason": reason,
             "wall_s": time.perf_counter() - t0, "config": config.to_dict(),
@@ -372,12 +368,6 @@ def alignment_figure(runs: Sequence[Mapping[str, Any]], title: str):
             ax.legend()
     fig.suptitle(title, fontsize=9)
     return fig
-
-
-def save_png(fig, path: str) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    write_atomic(path, buf.getvalue())
 
 
 def write_outputs(s: StudySettings, runs: list[dict[str, Any]], rows: list[dict[str, Any]],

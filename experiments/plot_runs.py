@@ -11,12 +11,11 @@ line per run, each labelled by the settings in which the runs differ (e.g.
 from __future__ import annotations
 
 import dataclasses
-import io
 
 from bpjax import cli
+from bpjax.bench.report import save_png
 from bpjax.config import setting
 from bpjax.errors import ConfigError
-from bpjax.files import write_atomic
 from bpjax.runs import runs_figure
 
 
@@ -33,9 +32,7 @@ def main(argv: list[str]) -> None:
     if not workdirs:
         raise ConfigError("name at least one run directory: plot_runs.py RUN [RUN ...]")
     settings = cli.from_flags(PlotSettings)
-    buf = io.BytesIO()
-    runs_figure(workdirs).savefig(buf, format="png", dpi=110)
-    write_atomic(settings.out, buf.getvalue())
+    save_png(runs_figure(workdirs), settings.out, bbox_inches=None)  # the figure's own size
     print(f"wrote {settings.out} ({len(workdirs)} runs)")
 
 

@@ -35,7 +35,6 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 import functools  # noqa: E402
 
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from jax import export  # noqa: E402
 from test_parallel import RUNS, SMALL, TOY, batch_inputs  # noqa: E402
 
@@ -43,7 +42,7 @@ from bpjax import parallel  # noqa: E402
 from bpjax.config import Config  # noqa: E402
 from bpjax.methods import METHODS  # noqa: E402
 from bpjax.network import init_params  # noqa: E402
-from bpjax.train import TrainState, make_grad, run_epoch, train, train_step  # noqa: E402
+from bpjax.train import TrainState, initial_opt_state, make_train_step, run_epoch, train  # noqa: E402
 
 
 def save_leaves(path: str, tree) -> None:
@@ -65,15 +64,12 @@ def collectives(mesh) -> dict[str, dict[str, int]]:
     x = TOY.x_train.astype(np.float64)
     y = np.eye(3)[TOY.y_train]
     params = init_params(jax.random.key(0), (12, 8, 3), np.float64)
-    optimizer = optax.sgd(0.1)
-    state = TrainState(params, optimizer.init(params), np.zeros((), np.int32))
-    state, x, y = parallel.replicate((state, x, y), mesh)
     found = {}
     for form in ("sharding", "shard_map"):
         config = Config(**SMALL, num_devices=8, parallel=form)
-        step_fn = functools.partial(
-            train_step, grad=make_grad(config, mesh), optimizer=optimizer, loss=config.loss
-        )
+        state = TrainState(params, initial_opt_state(config, params), np.zeros((), np.int32))
+        state, x, y = parallel.replicate((state, x, y), mesh)
+        step_fn = make_train_step(config, mesh)
         place = parallel.Placement(mesh.devices.flat[0], mesh, form)
         epoch = functools.partial(run_epoch, step_fn=step_fn, batch=config.batch, place=place)
         hlo = jax.jit(epoch).lower(state, x, y, jax.random.key(1)).compile().as_text()

@@ -12,26 +12,16 @@ import json
 import math
 import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from absl import flags
-from script_loader import load_script
+from script_loader import run_script, script_fixture
 
 import bpjax
 from bpjax.bench import study
 from bpjax.bench.report import csv_text
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "experiments" / "batch_study.py"
-
-
-@pytest.fixture(scope="module")
-def script():
-    module, fresh = load_script("batch_study")
-    assert "lr_scaling" in fresh and "lrs_per_batch" not in flags.FLAGS
-    return module
+script = script_fixture("batch_study", defines="lr_scaling", absent="lrs_per_batch")
 
 
 # ------------------------------------------------------------------ the grid
@@ -196,13 +186,10 @@ def test_settings_defaults_quick_and_names(script):
 
 
 def _study(tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
-    args = ["--batches=64,256", "--lrs_per_batch=2", "--train_examples=1024",
-            "--target_accuracy=0.6", "--max_epochs=3", "--platforms=cpu",
-            f"--out_dir={tmp_path / 'out'}", f"--runs_dir={tmp_path / 'runs'}"]  # fmt: skip
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+    return run_script("batch_study", "--batches=64,256", "--lrs_per_batch=2",
+                      "--train_examples=1024", "--target_accuracy=0.6", "--max_epochs=3",
+                      "--platforms=cpu", f"--out_dir={tmp_path / 'out'}",
+                      f"--runs_dir={tmp_path / 'runs'}", timeout=300)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -2,29 +2,23 @@
 
 GPU minutes are scarce: the exact command run on a lent GPU must be known to work
 before. Every stage runs here in its own process, as it will there, and writes its
-files; a stage that fails makes the script exit non-zero.
+files; a stage that fails makes the script exit non-zero. A stage it does not know is
+refused up front, in one line.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from script_loader import one_error_line, run_script
 
 
 @pytest.mark.slow
 def test_device_check_smoke_runs_every_stage_on_the_cpu(tmp_path):
     out = tmp_path / "check"
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", "device_check.py"), "--platform=cpu",
-         "--smoke", f"--out_dir={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    done = run_script("device_check", "--platform=cpu", "--smoke", f"--out_dir={out}",
+                      timeout=900, check=False)  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["stage"]: s for s in summary["stages"]}
     assert done.returncode == 0, json.dumps(stages, indent=1)
@@ -38,3 +32,12 @@ def test_device_check_smoke_runs_every_stage_on_the_cpu(tmp_path):
     bf16 = json.loads((out / "sweep_bf16" / "batch_sweep.json").read_text())
     assert {r["dtype"] for r in bf16["rows"]} == {"bfloat16"}
     assert done.stdout.strip().splitlines()[-1] == f"results in {out}"
+
+
+def test_an_unknown_stage_is_one_line_before_any_work(tmp_path):
+    out = tmp_path / "check"
+    done = run_script("device_check", "--platform=cpu", "--stages=envx", f"--out_dir={out}",
+                      timeout=120, check=False)  # fmt: skip
+    line = one_error_line(done)
+    assert line.startswith("error: --stages='envx': 'envx' is not one of: env, tests,"), line
+    assert done.stdout == "" and not out.exists()  # no stage ran, no folder was made

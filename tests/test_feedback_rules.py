@@ -14,23 +14,13 @@ import os
 import pathlib
 import statistics
 import subprocess
-import sys
 
 import pytest
-from absl import flags
-from script_loader import load_script
+from script_loader import run_script, script_fixture
 
 import bpjax
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "experiments" / "feedback_rules.py"
-
-
-@pytest.fixture(scope="module")
-def study():
-    module, fresh = load_script("feedback_rules")
-    assert "protocol" in fresh and "protocol" not in flags.FLAGS
-    return module
+study = script_fixture("feedback_rules", defines="protocol", absent="protocol")
 
 
 # ------------------------------------------------------------------ pure summaries
@@ -110,13 +100,10 @@ def test_the_plan_of_runs(study):
 # ------------------------------------------------------------------ end to end
 
 
-def _script(tmp_path: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
-    args = ["--rules=bp,fa", "--seeds=3", "--epochs=2", "--train_examples=2000",
-            f"--out={tmp_path / 'out'}", f"--runs_dir={tmp_path / 'runs'}", *extra]  # fmt: skip
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+def _script(tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+    return run_script("feedback_rules", "--rules=bp,fa", "--seeds=3", "--epochs=2",
+                      "--train_examples=2000", f"--out={tmp_path / 'out'}",
+                      f"--runs_dir={tmp_path / 'runs'}", timeout=300)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -109,6 +109,18 @@ def test_config_flag_repeats_a_run_and_flags_override_it(tmp_path):
         "--config starts a new run and --resume continues one: use one")
 
 
+@pytest.mark.slow
+def test_config_flag_repeats_a_run_that_was_started_with_resume(tmp_path):
+    # A scheduled job's "--resume on an empty workdir" records resume=true: repeating it
+    # with --config is still a new run (not "--resume needs --workdir").
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert launch(*FLAGS, "--epochs=1", f"--workdir={a}", "--resume").returncode == 0
+    repeat = launch(f"--config={a}", f"--workdir={b}")
+    assert repeat.returncode == 0, repeat.stderr[-2000:]
+    assert computed(bpjax.read_metrics(str(a))) == computed(bpjax.read_metrics(str(b)))
+    assert Config.from_json(str(b)).resume is False
+
+
 def test_config_json_round_trip_and_unknown_keys():
     config = Config(lr=0.3, hidden=(256, 128), seed=7, dp_clip=1.0, dp_noise=0.5)
     assert Config.from_json(config.to_json()) == config

@@ -412,3 +412,13 @@ def test_a_scheduled_run_trains_and_cannot_be_stretched_on_resume(tmp_path):
     resumed = run(tmp_path, epochs=2, lr_schedule="warmup_cosine", warmup_epochs=1.0, lr=0.3,
                   resume=True)  # fmt: skip
     assert resumed.history[-1]["epoch"] == 2
+
+
+def test_compiler_options_ask_only_what_this_xla_compiles():
+    from bpjax.step import _cpu_accepts, compiler_options
+
+    assert compiler_options("gpu", 8) is None and compiler_options("tpu", 8) is None
+    assert compiler_options("cpu", 512) is None  # slower there: the default kernels
+    small = compiler_options("cpu", 128)
+    assert small is None or _cpu_accepts(tuple(small.items()))
+    assert not _cpu_accepts((("xla_no_such_option", "1"),))  # an XLA without it: None

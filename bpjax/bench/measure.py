@@ -31,7 +31,7 @@ import numpy as np
 from bpjax import parallel
 from bpjax.bench.peers import PEER_STEPS, PEERS, HostParams
 from bpjax.bench.report import Measurement
-from bpjax.bench.steps import gemm_only_args, gemm_only_fn, sgd_state, sgd_step
+from bpjax.bench.steps import gemm_only_args, gemm_only_fn, random_batch, sgd_state, sgd_step
 from bpjax.bench.timing import (
     COMPILES,
     Timing,
@@ -40,6 +40,7 @@ from bpjax.bench.timing import (
     matmul_precision_scope,
     peak_memory_bytes,
 )
+from bpjax.errors import first_line, is_out_of_memory
 from bpjax.network import init_params
 from bpjax.step import compiler_options
 
@@ -71,11 +72,8 @@ class _Timed:
 
 
 def _data(config: SweepConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng([config.seed, batch])
-    x = rng.standard_normal((batch, config.sizes[0])).astype(config.dtype)
-    labels = rng.integers(0, config.sizes[-1], batch)
-    y = np.eye(config.sizes[-1], dtype=config.param_dtype)[labels]  # float32 under bfloat16
-    return x, y
+    rng = np.random.default_rng([config.seed, batch])  # y float32 under bfloat16:
+    return random_batch(config.sizes, batch, rng, config.dtype, config.param_dtype)
 
 
 def host_params(config: SweepConfig) -> HostParams:
@@ -95,11 +93,6 @@ def _placement(devices: Sequence[jax.Device]) -> Callable:
     mesh = parallel.make_data_mesh(devices)
     rep, rows = parallel.replicated(mesh), parallel.row_sharded(mesh)
     return lambda state, x, y: (jax.device_put(state, rep), *jax.device_put((x, y), rows))
-
-
-def _is_oom(err: BaseException) -> bool:
-    text = f"{type(err).__name__}: {err}"
-    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in text or "out of memory" in text
 
 
 def _compile_step(config: SweepConfig, method: str, devices: Sequence[jax.Device],
@@ -140,8 +133,8 @@ def _compile_entry(config: SweepConfig, method: str, devices: Sequence[jax.Devic
                           compile_s=0.0, n_compiles=0, traces=(0,))  # fmt: skip
         return _compile_step(config, method, devices, params, x, y)
     except Exception as err:  # any failure becomes the entry; the sweep goes on
-        first_line = (str(err).splitlines() or [""])[0][:300]
-        return _Entry("oom" if _is_oom(err) else "error", f"{type(err).__name__}: {first_line}")
+        status = "oom" if is_out_of_memory(err) else "error"
+        return _Entry(status, f"{type(err).__name__}: {first_line(err, 300)}")
 
 
 def _roofline_entry(config: SweepConfig, devices: Sequence[jax.Device],

@@ -321,7 +321,14 @@ def sweep_figure(rows: Sequence[Row], title: str = "") -> Figure:
 
 def plot_sweep(rows: Sequence[Row], path: str, title: str = "") -> None:
     """``sweep_figure`` saved as a PNG at ``path``, atomically."""
-    fig = sweep_figure(rows, title)
+    save_png(sweep_figure(rows, title), path, dpi=120)
+
+
+def save_png(fig: Figure, path: str, *, dpi: int = 110, bbox_inches: str | None = "tight") -> None:
+    """``fig`` as a PNG at ``path``, written atomically (``bpjax.files.write_atomic``).
+
+    ``bbox_inches=None``: the figure's own size (matplotlib's default), not cropped.
+    """
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches=bbox_inches)
     write_atomic(path, buf.getvalue())

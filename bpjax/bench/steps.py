@@ -38,6 +38,16 @@ from bpjax.train import TrainState, train_step
 Array = jax.Array
 
 
+def random_batch(
+    sizes: Sequence[int], n: int, rng: np.random.Generator, x_dtype: Any = np.float32,
+    y_dtype: Any = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` standard-normal inputs ``(n, n_0)`` and one-hot random classes ``(n, n_L)`` (host)."""
+    x = rng.standard_normal((n, sizes[0])).astype(x_dtype)
+    y = np.eye(sizes[-1], dtype=y_dtype)[rng.integers(0, sizes[-1], n)]
+    return x, y
+
+
 def sgd_state(params: Params) -> TrainState:
     """The step's state before the first step: ``params``, SGD's (empty) state, step 0."""
     return TrainState(params, optax.sgd(1.0).init(params), np.zeros((), np.int32))  # lr: unused
@@ -68,7 +78,7 @@ def sgd_step(
         traces[0] += 1
         return step_fn(state, x, y, None)
 
-    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options or None), traces
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options), traces
 
 
 def step_flops(sizes: Sequence[int], batch: int) -> int:

@@ -1,7 +1,9 @@
 r"""The batch-size study's pure pieces (issue 14): grid, cadence, steps to target, fit, plots.
 
-``experiments/batch_study.py`` trains the trials; everything here is a function of
-numbers and metric records, so it is tested on synthetic data and reused in a notebook.
+``experiments/batch_study.py`` trains the trials; everything here but
+:func:`train_or_stopped` (one run of a study, a stopped run kept as a result) is a
+function of numbers and metric records, so it is tested on synthetic data and reused
+in a notebook. Figures are saved with ``bpjax.bench.report.save_png``.
 
 Definitions, as the study uses them:
 
@@ -40,18 +42,24 @@ Definitions, as the study uses them:
 
 from __future__ import annotations
 
-import io
 import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from bpjax.files import write_atomic
+from bpjax.config import divisors, scaled_lr
+from bpjax.errors import TrainingError
+from bpjax.evaluation import meets_target
+from bpjax.rundir import read_metrics
+from bpjax.train import train
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from bpjax.config import Config
+    from bpjax.data import Dataset
 
 Record = Mapping[str, Any]
 FIT_RANGE = 7.0  # the fit searches log B_crit this far beyond the batches (e^7 ≈ 1100x)
@@ -60,16 +68,10 @@ FIT_RANGE = 7.0  # the fit searches log B_crit this far beyond the batches (e^7 
 # ------------------------------------------------------------------ the grid
 
 
-def centre_lr(batch: int, lr: float, reference_batch: int, scaling: str) -> float:
-    """The scaling rule's learning rate at ``batch`` (``Config.peak_lr``'s rule)."""
-    ratio = batch / reference_batch
-    return lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
-
-
 def lr_grid(batch: int, lr: float, reference_batch: int, scaling: str, n: int,
             factor: float) -> tuple[float, ...]:  # fmt: skip
     """``n`` learning rates, ``factor`` apart, centred (in log) on the rule's value."""
-    centre = centre_lr(batch, lr, reference_batch, scaling)
+    centre = scaled_lr(lr, batch, reference_batch, scaling)  # Config.peak_lr's rule
     return tuple(float(centre * factor ** (i - (n - 1) / 2)) for i in range(n))
 
 
@@ -79,10 +81,6 @@ def trial_order(n: int) -> list[int]:
     The centre is the likeliest to hit early, and a hit caps the others' budget.
     """
     return sorted(range(n), key=lambda i: (abs(i - (n - 1) / 2), -i))
-
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def eval_every(steps_per_epoch: int, evals_per_epoch: int, max_ratio: int = 4) -> int:
@@ -107,16 +105,30 @@ def budget_epochs(steps_per_epoch: int, max_epochs: int, max_steps: int | None) 
 # ------------------------------------------------------------------ outcomes
 
 
-def meets(record: Record, target_accuracy: float | None, target_loss: float | None) -> bool:
-    """``bpjax.evaluation.target_reached``'s test on one metrics record."""
-    acc_ok = target_accuracy is not None and (record.get("test_accuracy") or 0.0) >= target_accuracy
-    return acc_ok or (target_loss is not None and record["test_loss"] <= target_loss)
+class Trained(NamedTuple):
+    """What one run of a study left: its metrics, and why it stopped early if it did."""
+
+    history: list[dict[str, Any]]
+    compile_s: float | None  # None when it stopped
+    error: str | None  # the TrainingError's message; None when training returned
+
+
+def train_or_stopped(config: Config, dataset: Dataset,
+                     log: Callable[[str], None] | None) -> Trained:  # fmt: skip
+    """``bpjax.train`` one run of a study; a run stopped by a ``TrainingError``
+    (diverged, out of memory) is a result too: the metrics it recorded and the message.
+    """
+    try:
+        result = train(config, dataset=dataset, log=log)
+    except TrainingError as e:
+        return Trained(read_metrics(config.workdir), None, str(e))
+    return Trained(result.history, result.compile_s, None)
 
 
 def first_hit(history: Sequence[Record], target_accuracy: float | None,
               target_loss: float | None = None) -> Record | None:  # fmt: skip
-    """The first evaluation record that meets the target, or None."""
-    return next((m for m in history if meets(m, target_accuracy, target_loss)), None)
+    """The first evaluation record that meets the target (``evaluation.meets_target``), or None."""
+    return next((m for m in history if meets_target(m, target_accuracy, target_loss)), None)
 
 
 def run_b_simple(history: Sequence[Record]) -> dict[str, float | None]:
@@ -393,9 +405,3 @@ def b_simple_figure(curves: Mapping[int, Sequence[Record]], title: str = "") -> 
         ax.legend(fontsize=7, ncol=2)
     ax.set_title(title, fontsize=9)
     return fig
-
-
-def save_png(fig: Figure, path: str) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    write_atomic(path, buf.getvalue())

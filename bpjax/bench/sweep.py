@@ -77,6 +77,7 @@ from bpjax.config import (
     check_sizes,
     setting,
 )
+from bpjax.errors import is_out_of_memory
 from bpjax.losses import LOSSES
 from bpjax.methods import METHODS
 
@@ -337,7 +338,7 @@ def _run_isolated(config: SweepConfig, platform: str, batch: int, method: str,
                                f"{config.matmul_precision!r}")  # fmt: skip
         return measured
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-    status = "oom" if "RESOURCE_EXHAUSTED" in proc.stderr else "error"
+    status = "oom" if is_out_of_memory(proc.stderr) else "error"
     return Measurement(platform=platform, device_kind="", method=method, batch=batch,
                        num_devices=num_devices, status=status, reason=tail)  # fmt: skip
 

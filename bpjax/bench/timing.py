@@ -273,6 +273,13 @@ def device_info(device: jax.Device | None = None) -> dict[str, Any]:
     return info
 
 
+def machine_line(sizes: Sequence[int]) -> str:
+    """A benchmark's first line: the device, processor, cores and load, jax, the network."""
+    info = device_info()
+    return (f"{info['device_kind']} ({info['processor']}, {info['cpu_count']} cpus, load "
+            f"{info['load_average']}), jax {info['jax_version']}, sizes {tuple(sizes)}")
+
+
 @contextlib.contextmanager
 def matmul_precision_scope(precision: str) -> Iterator[str]:
     """``jax.default_matmul_precision(precision)`` for what is traced and compiled inside.
