@@ -7,7 +7,7 @@ MNIST with the second document's full-matrix backprop and prints one line per
 epoch. Every flag is a field of ``bpjax.Config`` with the same name (defined by
 ``bpjax.cli``); JAX's own flags (``--jax_enable_x64``, ``--jax_platforms``,
 ``--jax_log_compiles``) work too. Only entry points define or read flags: the
-logic lives in ``bpjax.train``, importable from a notebook.
+logic lives in ``bpjax.train`` (module ``bpjax.training``), importable from a notebook.
 
 A run is a record (``bpjax.rundir``). ``--workdir=DIR --resume`` continues the
 run in DIR with the settings its ``config.json`` recorded (flags may change only
@@ -17,7 +17,9 @@ run, so one command line starts and restarts a scheduled job. ``--config=PATH``
 repeats a run: PATH's settings (a ``config.json`` or a run directory) are the
 defaults, flags override, the run goes to a new workdir. SIGINT (Ctrl-C) and
 SIGTERM stop the run after the epoch under way, checkpointed; the exit status
-is 130 or 143 and the last line says how to resume. Errors are one line, exit 2.
+is 130 or 143 and the last line says how to resume. A signal before training
+starts (while JAX loads) exits at once, 130 or 143, with one line and nothing
+written. Errors are one line, exit 2.
 
 Data parallel: ``--num_devices=0`` splits every batch over all devices
 (``--parallel=sharding`` or ``shard_map``). Several processes: run the same
@@ -28,18 +30,44 @@ module calls ``jax.distributed.initialize`` before anything else touches JAX.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import sys
 
-from absl import flags, logging
 
-from bpjax import cli
-from bpjax.config import Config
-from bpjax.errors import ConfigError
-from bpjax.interrupt import graceful_stop
-from bpjax.parallel import Cluster, initialize_distributed
-from bpjax.train import train
+def exit_on_signal(signum: int, frame: object) -> None:
+    """SIGINT or SIGTERM outside the training loop: leave at once, with one line.
+
+    Installed before the imports below (JAX, Orbax: seconds), where Python's own
+    KeyboardInterrupt can land in a garbage-collection callback of JAX's, be
+    printed as "Exception ignored" and lost, and the run go on. Nothing is
+    written before ``train`` runs, and while it runs ``bpjax.interrupt`` holds
+    the signals (a stop at the next epoch's end, checkpointed).
+    """
+    del frame
+    for stream in (sys.stdout, sys.stderr):  # what was printed is kept (os._exit drops it)
+        with contextlib.suppress(Exception):
+            stream.flush()
+    name = signal.Signals(signum).name
+    with contextlib.suppress(OSError):  # stderr closed: the exit status still says it
+        os.write(2, f"bpjax: {name} received outside the training loop: exiting\n".encode())
+    os._exit(128 + signum)
+
+
+for _signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_signum, exit_on_signal)
+
+from absl import flags, logging  # noqa: E402 - after the handlers: a signal can come now
+
+from bpjax import cli  # noqa: E402
+from bpjax.config import Config, read_record  # noqa: E402
+from bpjax.errors import ConfigError  # noqa: E402
+from bpjax.interrupt import graceful_stop  # noqa: E402
+from bpjax.parallel import Cluster, initialize_distributed  # noqa: E402
+from bpjax.rules import check_recorded_rule  # noqa: E402
+from bpjax.training import train  # noqa: E402
 
 cli.define_flags(Config)
 cli.define_flags(Cluster)
@@ -56,10 +84,14 @@ def resolve_config() -> Config:
     if CONFIG.value:
         if flags.FLAGS.resume:
             raise ConfigError("--config starts a new run and --resume continues one: use one")
-        recorded = Config.from_json(CONFIG.value).replace(workdir=None, resume=False)
+        recorded = Config.from_json(CONFIG.value, workdir=None, resume=False)
     elif flags.FLAGS.resume and workdir and os.path.isfile(os.path.join(workdir, "config.json")):
         recorded = Config.from_json(os.path.join(workdir, "config.json"))
-    return cli.from_flags(Config, defaults=recorded)
+    config = cli.from_flags(Config, defaults=recorded)
+    if CONFIG.value:  # a repeat runs the recorded rule's source, or says how to accept a change
+        check_recorded_rule(read_record(CONFIG.value).get("feedback_rule"), config.feedback,
+                            accept=config.accept_rule_change)  # fmt: skip
+    return config
 
 
 def main(argv: list[str]) -> None:

@@ -1,7 +1,10 @@
 """bpjax: backpropagation by hand in JAX, checked against ``jax.grad``.
 
-The network is pure functions over a params pytree (``init_params``,
-``predict``, ``loss_fn``); ``manual_grad`` implements the documents' formulas;
+The network is a description (``Net``: input shape, layers such as ``Dense``,
+activation, loss) and pure functions over a params pytree (``init_params``,
+``predict(net, params, x)``, ``loss_fn``); ``manual_grad(net, params, x, y)``
+implements the documents' formulas, with the matrix of (7.2) from a feedback
+``Rule`` (built-in by name, or your own: ``register_rule``);
 ``train(Config(...))`` runs the training loop that ``launch.py`` runs.
 """
 
@@ -16,11 +19,12 @@ from bpjax.errors import (
     RunError,
     TrainingError,
 )
-from bpjax.feedback import FEEDBACK_RULES, alignment, init_feedback, kp_feedback_grads
+from bpjax.feedback import alignment, init_feedback
 from bpjax.formulas import accumulated_grad, manual_grad, per_example_grads
+from bpjax.layers import Dense
 from bpjax.losses import LOSSES
 from bpjax.methods import METHODS, grad_fn
-from bpjax.network import forward, init_params, layer_sizes, loss_fn, predict
+from bpjax.network import Net, forward, init_params, layer_sizes, loss_fn, predict
 from bpjax.noise_scale import (
     NoiseStats,
     gradient_noise_scale,
@@ -28,9 +32,10 @@ from bpjax.noise_scale import (
     noise_stats_grad_fn,
 )
 from bpjax.privacy import clipped_grad, per_example_grad_norms, private_grad, private_grad_fn
+from bpjax.rules import FEEDBACK_RULES, Rule, get_rule, kp_feedback_grads, register_rule
 from bpjax.rundir import read_metrics
 from bpjax.runs import Run, load_run, runs_figure
-from bpjax.train import TrainResult, evaluate, train
+from bpjax.training import TrainResult, evaluate, train
 
 __all__ = [
     "ACTIVATIONS",
@@ -43,7 +48,10 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Dataset",
+    "Dense",
+    "Net",
     "NoiseStats",
+    "Rule",
     "Run",
     "RunError",
     "TrainResult",
@@ -54,6 +62,7 @@ __all__ = [
     "default_cache_dir",
     "evaluate",
     "forward",
+    "get_rule",
     "grad_fn",
     "gradient_noise_scale",
     "init_feedback",
@@ -73,6 +82,7 @@ __all__ = [
     "private_grad",
     "private_grad_fn",
     "read_metrics",
+    "register_rule",
     "runs_figure",
     "train",
 ]

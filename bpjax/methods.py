@@ -1,6 +1,6 @@
 """The gradient methods a run can choose, all giving the same batch gradient.
 
-Each method is a function ``(params, x: (M, n_0), y: (M, n_L)) -> (grads,
+Each method is a function ``(net, params, x: (M, n_0), y: (M, n_L)) -> (grads,
 outputs)`` where ``grads`` has the params pytree and is the gradient of the
 batch-mean loss, and ``outputs: (M, n_L)`` is Z^L (used for the loss and
 accuracy metrics, so no extra forward pass is needed).
@@ -12,11 +12,12 @@ accuracy metrics, so no extra forward pass is needed).
 * ``autodiff_vmap``: ``jax.vmap(jax.grad)`` per example, averaged.
 * ``per_sample``: the second document's section 8 accumulation (``lax.scan``).
 
-Feedback rules (``bpjax.feedback``): ``grad_fn(method, rule=...)`` with a rule
+Feedback rules (``bpjax.rules``): ``grad_fn(net, method, rule=...)`` with a rule
 other than ``"bp"`` gives that rule's update instead of the gradient; only the
 hand-written methods (:data:`RULE_METHODS`) can, since ``jax.grad`` computes
-the true gradient. The rule's matrices reach the function as an argument,
-``fn(params, x, y, feedback)``, so they may change between calls (Kolen-Pollack).
+the true gradient. The rule's state reaches the function as an argument,
+``fn(params, x, y, feedback, key)``, so it may change between calls (Kolen-Pollack),
+and so may the rule's per-step key (brsf).
 
 Mixed precision, ``grad_fn(method, compute_dtype="bfloat16")`` (the one definition
 the training loop and the batch sweep both use):
@@ -45,39 +46,43 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from bpjax.feedback import Feedback, check_feedback, check_rule
+from bpjax import rules
+from bpjax.feedback import Feedback, check_feedback
 from bpjax.formulas import accumulated_grad_and_output, manual_grad_and_output
 from bpjax.losses import get_loss
-from bpjax.network import Params, check_batch, check_inputs, predict
+from bpjax.network import Net, Params, check_batch, check_inputs, predict
+from bpjax.rules import Rule, get_rule
 
 Array = jax.Array
-GradFn = Callable[..., tuple[Params, Array]]  # (params, x, y, feedback=()) -> (grads, Z^L)
+# (params, x, y, feedback=(), key=None) -> (grads, Z^L)
+GradFn = Callable[..., tuple[Params, Array]]
 
 METHODS = ("manual", "autodiff", "manual_vmap", "autodiff_vmap", "per_sample")
 RULE_METHODS = ("manual", "manual_vmap", "per_sample")  # the hand-written ones: any rule
 
 
-def _loss_and_output(params, x, y, *, activation, loss):
-    z = predict(params, x, activation=activation)
-    return jnp.mean(get_loss(loss).per_sample(z, y)), z
+def _loss_and_output(params, x, y, *, net):
+    z = predict(net, params, x)
+    return jnp.mean(get_loss(net.loss).per_sample(z, y)), z
 
 
-def _autodiff(params, x, y, *, activation, loss, rule="bp", feedback=None):
+def _autodiff(net, params, x, y, *, rule="bp", feedback=None, key=None):
     check_method("autodiff", rule)  # jax.grad knows one rule only
-    check_inputs(params, x, y)
-    check_feedback(params, feedback, rule)
-    grad = jax.grad(_loss_and_output, has_aux=True)
-    return grad(params, x, y, activation=activation, loss=loss)
+    check_inputs(net, params, x, y)
+    check_feedback(net, params, feedback, rule)
+    return jax.grad(_loss_and_output, has_aux=True)(params, x, y, net=net)
 
 
 def _vmapped(single: Callable) -> Callable:
-    def grad_and_output(params, x, y, *, activation, loss, rule="bp", feedback=None):
+    def grad_and_output(net, params, x, y, *, rule="bp", feedback=None, key=None):
         # vmap over rows would take a 3-D x as M batches of one; a method's x is (M, n_0).
-        check_batch(params, x, y)
-        feedback = check_feedback(params, feedback, rule)  # here, not first inside jax.vmap
-        one = functools.partial(single, activation=activation, loss=loss, rule=rule)
-        per_example = lambda p, xm, ym, fb: one(p, xm, ym, feedback=fb)  # noqa: E731
-        grads, outputs = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, x, y, feedback)
+        check_batch(net, params, x, y)
+        feedback = check_feedback(net, params, feedback, rule)  # here, not first in jax.vmap
+        one = functools.partial(single, net, rule=rule)
+        per_example = lambda p, xm, ym, fb, k: one(p, xm, ym, feedback=fb, key=k)  # noqa: E731
+        grads, outputs = jax.vmap(per_example, in_axes=(None, 0, 0, None, None))(
+            params, x, y, feedback, key
+        )
         return jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), outputs
 
     return grad_and_output
@@ -92,15 +97,15 @@ _METHODS: dict[str, Callable] = {
 }
 
 
-def check_method(method: str, rule: str = "bp") -> None:
+def check_method(method: str, rule: str | Rule = "bp") -> None:
     """A one-line ValueError unless ``method`` is one of :data:`METHODS` and can run ``rule``."""
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    check_rule(rule)
-    if rule != "bp" and method not in RULE_METHODS:
+    rule = get_rule(rule)
+    if rule != rules.bp and method not in RULE_METHODS:
         raise ValueError(
-            f"method {method!r} cannot use rule {rule!r}: jax.grad computes the true gradient; "
-            f"rules other than bp need --method={', '.join(RULE_METHODS[:-1])} or "
+            f"method {method!r} cannot use rule {rule.name!r}: jax.grad computes the true"
+            f" gradient; rules other than bp need --method={', '.join(RULE_METHODS[:-1])} or "
             f"{RULE_METHODS[-1]}"
         )
 
@@ -112,17 +117,16 @@ def _is_float_dtype(name: str) -> bool:
         return False
 
 
-def in_compute_dtype(
-    fn: GradFn, compute_dtype: str | None
-) -> Callable[[Params, Array, Array, Feedback], tuple[Params, Array]]:
-    """``fn(params, x, y, feedback=...)`` run in ``compute_dtype`` (mixed precision, above).
+def in_compute_dtype(fn: GradFn, compute_dtype: str | None) -> GradFn:
+    """``fn(params, x, y, feedback=..., key=...)`` run in ``compute_dtype`` (mixed precision).
 
-    Returns ``run(params, x, y, feedback)``: params, feedback and x cast to
+    Returns ``run(params, x, y, feedback, key=None)``: params, feedback and x cast to
     ``compute_dtype``, then ``fn``, then the grads cast back to the params' dtypes
     and the outputs to the dtype of ``params``' first leaf (the master copy's);
     anything ``fn`` returns beyond ``(grads, outputs)`` (statistics) passes through.
     A cast to an array's own dtype is no operation at all, so with
     ``compute_dtype`` the params' dtype (or None) ``run`` traces exactly ``fn``.
+    The rule's key is a key, never cast.
     """
     if compute_dtype is not None and not _is_float_dtype(compute_dtype):
         raise ValueError(
@@ -130,11 +134,12 @@ def in_compute_dtype(
             f"{compute_dtype!r}"
         )
 
-    def run(params: Params, x: Array, y: Array, feedback: Feedback) -> tuple[Params, Array]:
+    def run(params: Params, x: Array, y: Array, feedback: Feedback,
+            key: Array | None = None) -> tuple[Params, Array]:  # fmt: skip
         if compute_dtype is None:
-            return fn(params, x, y, feedback=feedback)
+            return fn(params, x, y, feedback=feedback, key=key)
         cast = lambda tree: jax.tree.map(lambda a: a.astype(compute_dtype), tree)  # noqa: E731
-        grads, outputs, *extra = fn(cast(params), cast(x), y, feedback=cast(feedback))
+        grads, outputs, *extra = fn(cast(params), cast(x), y, feedback=cast(feedback), key=key)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return grads, outputs.astype(jax.tree.leaves(params)[0].dtype), *extra
 
@@ -142,27 +147,30 @@ def in_compute_dtype(
 
 
 def grad_fn(
-    method: str,
+    net: Net,
+    method: str = "manual",
     *,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     compute_dtype: str | None = None,
 ) -> GradFn:
-    """The batch-gradient function of ``method`` with activation, loss and rule bound.
+    """The batch-gradient function of ``method`` for ``net``, with the rule bound.
 
-    Returns ``fn(params, x, y, feedback=()) -> (grads, outputs)``, a pure function
-    of arrays only, ready for ``jax.jit``; ``feedback`` holds ``rule``'s matrices
-    (``bpjax.init_feedback``; none for ``"bp"`` and ``"sign"``, so ``fn(params, x, y)``).
+    Returns ``fn(params, x, y, feedback=(), key=None) -> (grads, outputs)``, a pure
+    function of arrays only, ready for ``jax.jit``; ``feedback`` holds ``rule``'s state
+    (``bpjax.init_feedback``; none for bp, sign, usf, brsf, so ``fn(params, x, y)``) and
+    ``key`` its per-step key (only a rule that draws, brsf, needs one).
     ``compute_dtype="bfloat16"``: mixed precision (module docstring); None, or the
     params' own dtype: no cast at all.
     """
+    if not isinstance(net, Net):
+        raise ValueError(f"grad_fn takes the bpjax.Net first, got {net!r}")
     check_method(method, rule)
-    grads_of = functools.partial(_METHODS[method], activation=activation, loss=loss, rule=rule)
+    grads_of = functools.partial(_METHODS[method], net, rule=get_rule(rule))
     run = in_compute_dtype(grads_of, compute_dtype)
 
-    def fn(params: Params, x: Array, y: Array, feedback: Feedback = ()) -> tuple[Params, Array]:
-        return run(params, x, y, feedback)
+    def fn(params: Params, x: Array, y: Array, feedback: Feedback = (),
+           key: Array | None = None) -> tuple[Params, Array]:  # fmt: skip
+        return run(params, x, y, feedback, key)
 
     fn.__name__ = fn.__qualname__ = _METHODS[method].__name__  # jit and HLO names as before
     return fn

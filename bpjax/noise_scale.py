@@ -67,13 +67,14 @@ from bpjax.feedback import Feedback
 from bpjax.formulas import manual_grad_and_output
 from bpjax.losses import widen
 from bpjax.methods import check_method, grad_fn
-from bpjax.network import Params, check_batch
+from bpjax.network import Net, Params, check_batch
 from bpjax.privacy import (
     per_sample_errors,
     sq_norm,
     sq_norms_from_errors,
     sq_norms_from_factor_norms,
 )
+from bpjax.rules import Rule, get_rule
 
 Array = jax.Array
 
@@ -85,7 +86,7 @@ class NoiseStats(NamedTuple):
     batch_sq_norm: Array  # |G_M|², the squared norm of the batch-mean gradient (B_big = M)
 
 
-# (params, x, y, feedback=()) -> (grads, outputs, NoiseStats)
+# (params, x, y, feedback=(), key=None) -> (grads, outputs, NoiseStats)
 NoiseStatsGradFn = Callable[..., tuple[Params, Array, NoiseStats]]
 
 
@@ -99,8 +100,8 @@ def _check_batch_size(batch_size: int) -> int:
 
 
 def _manual_route(
-    params: Params, x: Array, y: Array, *, activation: str, loss: str, rule: str,
-    feedback: Feedback | None,
+    net: Net, params: Params, x: Array, y: Array, *, rule: Rule, feedback: Feedback | None,
+    key: Array | None,
 ) -> tuple[Params, Array, Array]:
     """Section 7's gradient and, from its own factors, the ``(M,)`` |g_m|² of eq. (N)."""
     col_sq = lambda a_NxM: jnp.sum(jnp.square(widen(a_NxM)), axis=0)  # noqa: E731 ||column m||²
@@ -112,42 +113,42 @@ def _manual_route(
         # A^0 = X = x.T is a view: its columns are x's rows (summing the view copies x).
         A_sq[l] = col_sq(A) if l > 0 else jnp.sum(jnp.square(widen(x)), axis=1)  # ||A^l_m||²
 
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-    grads, Z_L = manual_grad_and_output(params, x, y, tap=tap, **kw)
+    kw = dict(rule=rule, feedback=feedback, key=key)
+    grads, Z_L = manual_grad_and_output(net, params, x, y, tap=tap, **kw)
     # Section 7's dZ^l carries the batch mean's 1/M, (7.1); sample m's own loss has none.
     sq_M = x.shape[0] ** 2 * sq_norms_from_factor_norms(dZ_sq, A_sq)  # (N)
     return grads, Z_L, sq_M
 
 
 def noise_stats_grad_fn(
-    method: str,
+    net: Net,
+    method: str = "manual",
     *,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
 ) -> NoiseStatsGradFn:
     """``methods.grad_fn`` that also returns the batch's :class:`NoiseStats`.
 
-    Returns ``fn(params, x, y, feedback=()) -> (grads, outputs, stats)``: ``grads`` and
-    ``outputs`` exactly as ``grad_fn(method, ...)`` gives them, ``stats`` the
+    Returns ``fn(params, x, y, feedback=(), key=None) -> (grads, outputs, stats)``:
+    ``grads`` and ``outputs`` exactly as ``grad_fn(net, method, ...)`` gives them, ``stats`` the
     ``NoiseStats(S, |G_M|²)`` of the batch ``x: (M, n_0)``, M ≥ 2. A pure function of
     arrays, ready for ``jax.jit``. ``"manual"`` takes S from the same backward pass;
     the other methods add ``privacy.per_sample_errors`` (see the module docstring).
     """
+    rule = get_rule(rule)
     check_method(method, rule)
-    grads_of = grad_fn(method, activation=activation, loss=loss, rule=rule)
+    grads_of = grad_fn(net, method, rule=rule)
 
     def fn(
-        params: Params, x: Array, y: Array, feedback: Feedback = ()
+        params: Params, x: Array, y: Array, feedback: Feedback = (), key: Array | None = None
     ) -> tuple[Params, Array, NoiseStats]:
-        check_batch(params, x, y)
+        check_batch(net, params, x, y)
         _check_batch_size(x.shape[0])
-        kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+        kw = dict(rule=rule, feedback=feedback, key=key)
         if method == "manual":
-            grads, Z_L, sq_M = _manual_route(params, x, y, **kw)
+            grads, Z_L, sq_M = _manual_route(net, params, x, y, **kw)
         else:
-            grads, Z_L = grads_of(params, x, y, feedback)
-            dZs, activations, _ = per_sample_errors(params, x, y, **kw)
+            grads, Z_L = grads_of(params, x, y, feedback, key)
+            dZs, activations, _ = per_sample_errors(net, params, x, y, **kw)
             sq_M = sq_norms_from_errors(dZs, activations)                # (N)
         return grads, Z_L, NoiseStats(jnp.mean(sq_M), sq_norm(grads))
 
@@ -176,22 +177,22 @@ def noise_scale_estimates(stats: NoiseStats, batch_size: int) -> dict[str, Array
 
 
 def gradient_noise_scale(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> dict[str, Array]:
     """B_simple and its parts from the one batch ``x: (M, n_0)``, M ≥ 2 (module docstring).
 
     Returns :func:`noise_scale_estimates`' dict of scalars: ``b_simple``, ``trace_sigma``,
     ``grad_sq_norm``, ``mean_sq_norm``, ``batch_sq_norm``. One forward and one section 7
     backward pass; no per-example gradient. Under ``rule``, of the rule's updates.
-    Jit it with ``activation``, ``loss`` and ``rule`` static.
+    Jit it with ``net`` and ``rule`` static.
     """
-    fn = noise_stats_grad_fn("manual", activation=activation, loss=loss, rule=rule)
-    _, _, stats = fn(params, x, y, feedback)
+    fn = noise_stats_grad_fn(net, "manual", rule=rule)
+    _, _, stats = fn(params, x, y, feedback, key)
     return noise_scale_estimates(stats, x.shape[0])

@@ -52,7 +52,9 @@ from bpjax.errors import ConfigError, first_line
 from bpjax.formulas import manual_grad_and_output
 from bpjax.losses import wide_dtype
 from bpjax.methods import grad_fn
-from bpjax.network import Params
+from bpjax.network import Net, Params
+from bpjax.rules import Rule
+from bpjax.validation import check_batch_divides
 
 if TYPE_CHECKING:
     from bpjax.config import Config
@@ -168,37 +170,25 @@ class Placement:
         )
 
 
-def check_batch_divides(batch: int, num_devices: int, over: str | None = None) -> None:
-    """Every device gets batch / num_devices rows: the batch must divide.
-
-    ``over`` names the devices in the error (default ``--num_devices=N``).
-    """
-    if batch % num_devices:
-        raise ConfigError(
-            f"--batch={batch} does not divide over {over or f'--num_devices={num_devices}'}:"
-            f" use a batch that is a multiple of {num_devices}"
-        )
-
-
 def sharded_manual_grad(
-    mesh: Mesh, *, activation: str = "relu", loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    net: Net, mesh: Mesh, *, rule: str | Rule = "bp"
 ) -> Callable[..., tuple[Params, Array]]:
     """``manual_grad`` as an explicit per-device program: local Σ, then ``psum``.
 
-    Returns ``(params, x: (M, n_0), y: (M, n_L), feedback=()) -> (grads, outputs)``,
-    the same contract as ``methods.grad_fn("manual")``: ``grads`` (replicated) is
+    Returns ``(params, x: (M, n_0), y: (M, n_L), feedback=(), key=None) -> (grads,
+    outputs)``, the same contract as ``methods.grad_fn(net, "manual")``: ``grads`` (replicated) is
     the gradient of the batch-mean loss over all M samples (``rule``'s update);
     ``outputs: (M, n_L)`` is Z^L, split by rows like ``x``. M must divide by the
     mesh size.
     """
 
-    def per_device(params: Params, x_m: Array, y_m: Array, feedback) -> tuple[Params, Array]:
+    def per_device(params: Params, x_m: Array, y_m: Array, feedback,
+                   key) -> tuple[Params, Array]:  # fmt: skip
         # Section 7 on this device's M/D rows (x_m), with no communication: the
         # forward pass and the error recursion are row-local. It returns their mean,
         # (D/M) Σ_{m ∈ d} dZ^l_m (A^{l-1}_m)^T.
         local_mean, z_m = manual_grad_and_output(
-            params, x_m, y_m, activation=activation, loss=loss, rule=rule, feedback=feedback
+            net, params, x_m, y_m, rule=rule, feedback=feedback, key=key
         )
         m_local = x_m.shape[0]
         m_global = m_local * lax.axis_size(DATA)
@@ -212,28 +202,28 @@ def sharded_manual_grad(
         return jax.tree.map(section_6_sum, local_mean), z_m
 
     return _with_feedback(jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P()), out_specs=(P(), P(DATA))
+        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(), P()),
+        out_specs=(P(), P(DATA)),
     ))  # fmt: skip
 
 
 def _with_feedback(fn: Callable) -> Callable[..., tuple[Params, Array]]:
-    """``fn(params, x, y, feedback)`` callable as ``fn(params, x, y)`` too (no matrices)."""
-    return lambda params, x, y, feedback=(): fn(params, x, y, feedback)
+    """``fn(params, x, y, feedback, key)`` callable as ``fn(params, x, y)`` too (no state)."""
+    return lambda params, x, y, feedback=(), key=None: fn(params, x, y, feedback, key)
 
 
 def sharded_grad_fn(
-    method: str, mesh: Mesh, *, activation: str = "relu", loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    net: Net, method: str, mesh: Mesh, *, rule: str | Rule = "bp"
 ) -> Callable[..., tuple[Params, Array]]:
-    """The ``shard_map`` form of ``methods.grad_fn(method, rule=rule)``: same contract.
+    """The ``shard_map`` form of ``methods.grad_fn(net, method, rule=rule)``: same contract.
 
     ``manual`` gets the explicit section 6 ``psum`` (:func:`sharded_manual_grad`);
     every other method the generic local-mean-then-``pmean`` (:func:`sharded_grad`).
     The feedback matrices are replicated, like the parameters.
     """
     if method == "manual":
-        return sharded_manual_grad(mesh, activation=activation, loss=loss, rule=rule)
-    return sharded_grad(grad_fn(method, activation=activation, loss=loss, rule=rule), mesh)
+        return sharded_manual_grad(net, mesh, rule=rule)
+    return sharded_grad(grad_fn(net, method, rule=rule), mesh)
 
 
 def sharded_grad(grad: Callable[..., tuple[Params, Array]], mesh: Mesh) -> Callable[..., tuple]:
@@ -251,13 +241,15 @@ def sharded_grad(grad: Callable[..., tuple[Params, Array]], mesh: Mesh) -> Calla
     is the explicit pmean.
     """
 
-    def per_device(params: Params, x_m: Array, y_m: Array, feedback) -> tuple[Params, Array]:
+    def per_device(params: Params, x_m: Array, y_m: Array, feedback,
+                   key) -> tuple[Params, Array]:  # fmt: skip
         params = lax.pcast(params, DATA, to="varying")  # local grads, no implicit psum
-        local, outputs = grad(params, x_m, y_m, feedback)
+        local, outputs = grad(params, x_m, y_m, feedback, key)
         return jax.tree.map(lambda g: lax.pmean(g, DATA), local), outputs
 
     return _with_feedback(jax.shard_map(
-        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P()), out_specs=(P(), P(DATA))
+        per_device, mesh=mesh, in_specs=(P(), P(DATA), P(DATA), P(), P()),
+        out_specs=(P(), P(DATA)),
     ))  # fmt: skip
 
 

@@ -42,7 +42,9 @@ is ``normal(split(key, n_leaves + 1)[k + 1])``.
 Feedback rules (``bpjax.feedback``). Under a rule other than bp, sample m's update
 is still the outer product dZ^l_m (A^{l-1}_m)^T, with the rule's own row dZ^l_m from
 (7.2); so (N), (C) and (P) hold as written with those rows: ghost clipping clips the
-rule's per-example updates (``rule=`` everywhere below). ``jax.grad`` knows only the
+rule's per-example updates (``rule=`` everywhere below). (N) is a dense layer's: its
+per-example gradient is one outer product per sample; (C) is each layer's own
+``grads_rows`` of the scaled rows. ``jax.grad`` knows only the
 true gradient, so the autodiff routes refuse other rules.
 
 Mixed precision (``private_grad_fn(..., compute_dtype="bfloat16")``, the definition
@@ -74,12 +76,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bpjax.activations import get_activation
 from bpjax.feedback import Feedback, check_feedback, error_rows
 from bpjax.formulas import manual_grad_and_output
 from bpjax.losses import get_loss, wide_dtype, widen
 from bpjax.methods import check_method, in_compute_dtype
-from bpjax.network import Params, check_batch, check_inputs, forward, predict
+from bpjax.network import Net, Params, check_batch, check_inputs, forward, predict
+from bpjax.rules import Rule, get_rule, step_key
 
 Array = jax.Array
 PrivateGradFn = Callable[..., tuple[Params, Array]]  # (params, x, y, key, feedback=())
@@ -87,14 +89,14 @@ PrivateGradFn = Callable[..., tuple[Params, Array]]  # (params, x, y, key, feedb
 
 # --------------------------------------------------------------------------- manual route
 def per_sample_errors(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
-    activation: str,
-    loss: str,
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> tuple[list[Array], list[Array], Array]:
     """Forward, then (7.1)-(7.2) for the per-sample losses ℓ_m (no 1/M), (7.2) by ``rule``.
 
@@ -103,14 +105,12 @@ def per_sample_errors(
       ``(M, N_{l+1})``; ``activations[l]`` is A^l ``(M, N_l)`` with A^0 = x;
       ``Z_L: (M, N_L)`` the output.
     """
-    check_batch(params, x, y)
-    feedback = check_feedback(params, feedback, rule)
-    _, sigma_prime = get_activation(activation)
-    zs, activations = forward(params, x, activation)
-    dZ_L = get_loss(loss).error(zs[-1], y).astype(zs[-1].dtype)         # (7.1), without 1/M
-    dZs = error_rows(params, feedback, zs, dZ_L, sigma_prime, rule)     # (7.2), in rows
+    check_batch(net, params, x, y)
+    feedback = check_feedback(net, params, feedback, rule)
+    zs, activations = forward(net, params, x)
+    dZ_L = get_loss(net.loss).error(zs[-1], y).astype(zs[-1].dtype)        # (7.1), without 1/M
+    dZs = error_rows(net, params, feedback, zs, dZ_L, rule, key)           # (7.2), in rows
     return dZs, activations, zs[-1]
-
 
 def _sq_row_norms(a_MxN: Array) -> Array:
     return jnp.sum(jnp.square(widen(a_MxN)), axis=1)  # norms in >= float32
@@ -141,14 +141,14 @@ def _norms_from_errors(dZs: list[Array], activations: list[Array]) -> Array:
 
 
 def per_example_grad_norms(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> Array:
     """``(M,)`` global L2 norms of the per-example gradients ∇ℓ(z^L_m, y_m), eq. (N).
 
@@ -157,8 +157,8 @@ def per_example_grad_norms(
     ``vmap(jax.grad(ℓ))`` followed by each example's norm, without ever forming
     the per-example gradients. Under ``rule``, the norms of its per-example updates.
     """
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-    dZs, activations, _ = per_sample_errors(params, x, y, **kw)
+    kw = dict(rule=rule, feedback=feedback, key=key)
+    dZs, activations, _ = per_sample_errors(net, params, x, y, **kw)
     return _norms_from_errors(dZs, activations)
 
 
@@ -172,15 +172,15 @@ def clip_factors(norms_M: Array, clip: float | Array) -> Array:
 
 
 def clipped_grad_and_norms(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
     clip: float | Array,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> tuple[Params, Array, Array]:
     """The clipped **sum** Σ_m c_m g_m by ghost clipping, eq. (C).
 
@@ -188,34 +188,31 @@ def clipped_grad_and_norms(
       ``(grads_sum, norms, outputs)``: the params pytree (a sum over the batch,
       not a mean), the ``(M,)`` per-example norms before clipping, and Z^L ``(M, N_L)``.
     """
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-    dZs, activations, Z_L = per_sample_errors(params, x, y, **kw)
+    kw = dict(rule=rule, feedback=feedback, key=key)
+    dZs, activations, Z_L = per_sample_errors(net, params, x, y, **kw)
     norms_M = _norms_from_errors(dZs, activations)
     c_M = clip_factors(norms_M, clip)
     grads: Params = []
-    for dZ, A in zip(dZs, activations, strict=True):
+    for layer, dZ, A in zip(net.layers, dZs, activations, strict=True):
         cdZ = (dZ * c_M[:, None]).astype(dZ.dtype)  # dZ^l diag(c), row m scaled by c_m
-        grads.append({
-            "W": cdZ.T @ A,                     # (C), (7.3): Σ_m c_m dZ^l_m (A^{l-1}_m)^T
-            "b": jnp.sum(cdZ, axis=0),          # (C), (7.4): Σ_m c_m dZ^l_m
-        })
+        grads.append(layer.grads_rows(cdZ, A))  # (C), (7.3)-(7.4): Σ_m c_m dZ^l_m (A^{l-1}_m)^T
     return grads, norms_M, Z_L
 
 
 def clipped_grad(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
     *,
     clip: float | Array,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> tuple[Params, Array]:
     """``(grads_sum, outputs)``: the clipped **sum** Σ_m c_m g_m (C) and Z^L ``(M, N_L)``."""
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-    grads, _, Z_L = clipped_grad_and_norms(params, x, y, clip=clip, **kw)
+    kw = dict(rule=rule, feedback=feedback, key=key)
+    grads, _, Z_L = clipped_grad_and_norms(net, params, x, y, clip=clip, **kw)
     return grads, Z_L
 
 
@@ -252,6 +249,7 @@ def _noise_and_average(
 
 
 def private_grad(
+    net: Net,
     params: Params,
     x: Array,
     y: Array,
@@ -259,25 +257,23 @@ def private_grad(
     *,
     clip: float | Array,
     noise_multiplier: float | Array,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
 ) -> Params:
     """DP-SGD gradient, eq. (P): the clipped sum plus noise, as a **mean** (÷ M).
 
     Ghost clipping (the ``"manual"`` route of ``private_grad_fn``). With
-    ``clip=inf, noise_multiplier=0`` it equals ``manual_grad``.
+    ``clip=inf, noise_multiplier=0`` it equals ``manual_grad``. ``key`` feeds the
+    noise and, through ``rules.step_key``, a rule that draws (brsf).
     """
-    kw = dict(activation=activation, loss=loss, rule=rule)
-    fn = private_grad_fn("manual", clip=clip, noise_multiplier=noise_multiplier, **kw)
+    fn = private_grad_fn(net, "manual", clip=clip, noise_multiplier=noise_multiplier, rule=rule)
     return fn(params, x, y, key, feedback)[0]
 
 
 # -------------------------------------------------------------- per-example-gradient routes
-def _per_sample_loss_and_output(params: Params, x_n: Array, y_n: Array, *, activation, loss):
-    z = predict(params, x_n, activation=activation)
-    return get_loss(loss).per_sample(z, y_n), z
+def _per_sample_loss_and_output(params: Params, x_n: Array, y_n: Array, *, net: Net):
+    z = predict(net, params, x_n)
+    return get_loss(net.loss).per_sample(z, y_n), z
 
 
 def _per_example_global_norm_clip(grads_M: Params, clip) -> tuple[Params, Array]:
@@ -291,23 +287,25 @@ def _per_example_global_norm_clip(grads_M: Params, clip) -> tuple[Params, Array]
 def _vmap_clipped_sum(single_grad: Callable) -> Callable:
     """Clipped sum from per-example gradients built by ``jax.vmap(single_grad)``."""
 
-    def clipped_sum(params, x, y, *, clip, activation, loss, rule, feedback):
-        check_inputs(params, x, y)
-        one = functools.partial(single_grad, activation=activation, loss=loss, rule=rule)
-        per_example = lambda p, xm, ym, fb: one(p, xm, ym, feedback=fb)  # noqa: E731
-        grads_M, Z_L = jax.vmap(per_example, in_axes=(None, 0, 0, None))(params, x, y, feedback)
+    def clipped_sum(net, params, x, y, *, clip, rule, feedback, key):
+        check_inputs(net, params, x, y)
+        one = functools.partial(single_grad, net, rule=rule)
+        per_example = lambda p, xm, ym, fb, k: one(p, xm, ym, feedback=fb, key=k)  # noqa: E731
+        grads_M, Z_L = jax.vmap(per_example, in_axes=(None, 0, 0, None, None))(
+            params, x, y, feedback, key
+        )
         return _per_example_global_norm_clip(grads_M, clip)[0], Z_L
 
     return clipped_sum
 
 
-def _scan_clipped_sum(params, x, y, *, clip, activation, loss, rule, feedback):
+def _scan_clipped_sum(net, params, x, y, *, clip, rule, feedback, key):
     """Section 8: one sample at a time; clip each gradient before adding it."""
-    check_inputs(params, x, y)
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
+    check_inputs(net, params, x, y)
+    kw = dict(rule=rule, feedback=feedback, key=key)
 
     def add_clipped(total: Params, sample: tuple[Array, Array]) -> tuple[Params, Array]:
-        g, z = manual_grad_and_output(params, *sample, **kw)
+        g, z = manual_grad_and_output(net, params, *sample, **kw)
         norm = jnp.sqrt(sq_norm(g))
         c = clip_factors(norm, clip)
         return jax.tree.map(lambda t, gi: t + c * gi, total, g), z
@@ -316,11 +314,11 @@ def _scan_clipped_sum(params, x, y, *, clip, activation, loss, rule, feedback):
     return lax.scan(add_clipped, zeros, (x, y))
 
 
-def _autodiff_single(params, x_n, y_n, *, activation, loss, rule, feedback):
+def _autodiff_single(net, params, x_n, y_n, *, rule, feedback, key=None):
     # jax.vmap(jax.grad(ℓ)) knows the true gradient only: check_method refused other rules.
-    check_feedback(params, feedback, rule)
+    check_feedback(net, params, feedback, rule)
     grad = jax.grad(_per_sample_loss_and_output, has_aux=True)
-    return grad(params, x_n, y_n, activation=activation, loss=loss)
+    return grad(params, x_n, y_n, net=net)
 
 
 _CLIPPED_SUM_ROUTES: dict[str, Callable] = {
@@ -332,33 +330,31 @@ _DEFAULT_ROUTE = _vmap_clipped_sum(_autodiff_single)  # jax.vmap(jax.grad(ℓ)),
 
 
 def per_example_clipped_sum(
+    net: Net,
     method: str,
     params: Params,
     x: Array,
     y: Array,
     *,
     clip: float | Array,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     feedback: Feedback | None = None,
+    key: Array | None = None,
 ) -> tuple[Params, Array]:
     """``(grads_sum, outputs)``: the clipped **sum** Σ_m c_m g_m by ``method``'s route."""
     check_method(method, rule)
-    feedback = check_feedback(params, feedback, rule)  # before any route's vmap or scan
+    feedback = check_feedback(net, params, feedback, rule)  # before any route's vmap or scan
     route = _CLIPPED_SUM_ROUTES.get(method, _DEFAULT_ROUTE)
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-    return route(params, x, y, clip=clip, **kw)
+    return route(net, params, x, y, clip=clip, rule=rule, feedback=feedback, key=key)
 
 
 def private_grad_fn(
-    method: str,
+    net: Net,
+    method: str = "manual",
     *,
     clip: float | Array,
     noise_multiplier: float | Array = 0.0,
-    activation: str = "relu",
-    loss: str = "softmax_cross_entropy",
-    rule: str = "bp",
+    rule: str | Rule = "bp",
     compute_dtype: str | None = None,
 ) -> PrivateGradFn:
     """DP-SGD gradient function for the training loop, eq. (P).
@@ -366,20 +362,22 @@ def private_grad_fn(
     Returns ``fn(params, x, y, key, feedback=()) -> (grads, outputs)`` with ``grads`` the
     noised **mean** (clipped sum + N(0, (σC)²)) / M in the params pytree and
     ``outputs`` Z^L ``(M, N_L)`` for the metrics, like ``methods.grad_fn``. A pure
-    function of arrays, ready for ``jax.jit``; pass a fresh ``key`` every step.
+    function of arrays, ready for ``jax.jit``; pass a fresh ``key`` every step (it
+    feeds the noise, and a drawing rule through ``rules.step_key``).
     ``"manual"`` uses ghost clipping; all other methods clip per-example
     gradients (see the module docstring); all give the same result for the same key.
     ``rule`` (not for the autodiff methods) clips and noises the rule's per-example
-    updates instead; ``feedback`` holds its matrices. ``compute_dtype="bfloat16"``: mixed
+    updates instead; ``feedback`` holds its state. ``compute_dtype="bfloat16"``: mixed
     precision (module docstring), float32 params in, float32 grads and outputs out.
     """
+    rule = get_rule(rule)
     check_method(method, rule)
     for name, value in (("clip", clip), ("noise_multiplier", noise_multiplier)):
         if isinstance(value, int | float) and not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    kw = dict(activation=activation, loss=loss, rule=rule)
     clipped_sum = in_compute_dtype(
-        functools.partial(per_example_clipped_sum, method, clip=clip, **kw), compute_dtype
+        functools.partial(per_example_clipped_sum, net, method, clip=clip, rule=rule),
+        compute_dtype,
     )
 
     def fn(
@@ -387,7 +385,8 @@ def private_grad_fn(
     ) -> tuple[Params, Array]:
         if key is None and not _is_static_zero(noise_multiplier):
             raise ValueError("private_grad needs a PRNG key when noise_multiplier is not 0")
-        grads_sum, Z_L = clipped_sum(params, x, y, feedback)  # in params' dtype: float32
+        rule_key = step_key(rule, key)
+        grads_sum, Z_L = clipped_sum(params, x, y, feedback, rule_key)  # in params' dtype
         grads = _noise_and_average(
             grads_sum, key, clip=clip, noise_multiplier=noise_multiplier, batch_size=x.shape[0]
         )

@@ -19,21 +19,30 @@ any earlier part of a resumed run included); with a ``--target_*``,
 ``target_reached``; with ``--noise_scale``, ``b_simple``, ``grad_sq_norm`` and
 ``trace_sigma`` (McCandlish et al.'s estimates from the interval's averages of
 S and |G_M|^2, ``bpjax.noise_scale``). Under a feedback rule other than bp, also
-``alignment_deg`` (per hidden layer: the angle between the rule's dW^l and the
-true gradient), ``delta_deg`` (the mean per-example angle between the rule's
-and backprop's error signals) and, for fa and kp, ``weight_deg`` (W^{l+1} vs
-B^{l+1}), all measured on a fixed batch (``bpjax.feedback.alignment``).
+``feedback`` (the rule's own name), ``alignment_deg`` (per hidden layer: the angle
+between the rule's dW^l and the true gradient), ``delta_deg`` (the mean per-example
+angle between the rule's and backprop's error signals) and, for every rule but dfa,
+``weight_deg`` (W^{l+1} vs the matrix (7.2) really uses), all measured on a fixed
+batch (``bpjax.feedback.alignment``).
 
 A resumed run is the same run: its ``config.json`` is never rewritten, and the
 settings a resume may change (``Config`` fields marked resumable: epochs,
 checkpoint cadence, devices, ...) are recorded as a ``resume`` event; any other
 difference is refused before any work. ``metrics.jsonl`` is appended, one whole
-line per epoch written with a single ``write`` and fsynced, so ``tail -f``
-follows a run; a resume rewrites it once, atomically, keeping only the epochs
-its checkpoint covers; a reader skips a last line cut short by a crash. A
-failed write (disk full, ...) stops the run with one line; what was already on
-disk stays intact. With several processes only process 0 writes files, takes
-the lock and logs; every process takes part in checkpoint saves.
+line per epoch (a short ``write`` is completed) and fsynced, so ``tail -f``
+follows a run; a reader skips a last line cut short by a crash, and the next
+open cuts it off (kept in a ``repaired`` event). A resume continues from the
+newest intact checkpoint the complete records reach (newer ones are kept, their
+epochs recomputed: no hole) and rewrites ``metrics.jsonl`` once, atomically,
+keeping the epochs its checkpoint covers. No record file is followed through a
+symbolic link: a run directory never writes outside itself. A failed write (disk full, ...) stops
+the run with one line; what was already on disk stays intact. With several
+processes only process 0 writes files, takes the lock and logs; every process
+takes part in checkpoint saves. The end of a run, however it ends (epochs done,
+target, stop, an error between intervals), is checkpointed: the newest checkpoint
+holds the state of the last record (a divergence saves nothing: it is the last
+good one). A run ended part-way through epoch 2 is ``checkpoints/2`` with epoch
+1.5 in its metadata; a resume continues from that step (``bpjax.checkpoint``).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -49,12 +59,13 @@ from typing import Any
 
 import numpy as np
 
-from bpjax.checkpoint import checkpoint_manager, restore_latest, save_checkpoint
-from bpjax.config import Config
+from bpjax.checkpoint import checkpoint_manager, refuse_unrecorded, restore_latest, save_checkpoint
+from bpjax.config import Config, read_record
 from bpjax.errors import BpjaxError, ConfigError, RunError, first_line
-from bpjax.files import write_atomic
+from bpjax.files import append_line, cut_torn_line, refuse_link, write_atomic
 from bpjax.provenance import provenance
-from bpjax.runlock import RunLock
+from bpjax.rules import check_recorded_rule, rule_record
+from bpjax.runlock import LOCK, RunLock
 
 Log = Callable[[str], None]
 METRICS, EVENTS, CONFIG = "metrics.jsonl", "events.jsonl", "config.json"
@@ -75,11 +86,14 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # the last line, cut short mid-write
                 break
             raise RunError(f"{path}: line {i + 1} is not JSON") from None
+        if not isinstance(record, dict):
+            raise RunError(f"{path}: line {i + 1} is not a JSON object")
+        records.append(record)
     return records
 
 
@@ -133,6 +147,8 @@ def _check_resume(config: Config, workdir: str, recorded: Config | None) -> None
             f"--workdir={workdir} already holds a run: pass --resume to continue it (with its"
             " recorded settings), or choose a new --workdir"
         )
+    if config.resume and recorded is None:
+        refuse_unrecorded(workdir, CONFIG)
     differ = recorded.differences(config) if (config.resume and recorded) else {}
     if differ:
         listed = "; ".join(f"--{k}: recorded {a!r}, given {b!r}" for k, (a, b) in differ.items())
@@ -140,6 +156,16 @@ def _check_resume(config: Config, workdir: str, recorded: Config | None) -> None
             f"--resume continues the run in {workdir} with its recorded settings, but these"
             f" differ: {listed}. Drop those flags, or start a new run in another --workdir"
         )
+
+
+def _check_rule_source(config: Config, workdir: str) -> str | None:
+    """A rule named by import path must have the source the run recorded (``bpjax.rules``)."""
+    record = read_record(os.path.join(workdir, CONFIG)).get("feedback_rule")
+    events = os.path.join(workdir, EVENTS)
+    accepted = [e.get("sha256") for e in (read_jsonl(events) if os.path.exists(events) else [])
+                if e.get("event") == "feedback_rule_changed"]  # fmt: skip
+    return check_recorded_rule(record, config.feedback, accept=config.accept_rule_change,
+                               accepted=accepted)  # fmt: skip
 
 
 class RunDir:
@@ -166,12 +192,20 @@ class RunDir:
             raise
         self.history: list[dict[str, Any]] = []
         self.epoch_times: list[float] = []
-        self.saved_epoch = 0  # the newest epoch with a checkpoint (written or pending)
+        self.saved_epoch: int | float = 0  # the newest checkpoint's epoch (written or pending)
+        self.last_recorded: tuple[int | float, Any] | None = None  # the last record's epoch, state
         self.resumed = False
+        self._kept: set[int] = set()  # checkpoints newer than the records, kept on a resume
         self.intervals_per_epoch = 1  # evaluations per epoch (--eval_every_steps)
         self.t_start = time.perf_counter()
         self._elapsed_before = 0.0  # seconds the run had already taken before a resume
         self._train_s = 0.0  # training seconds so far, compilation and evaluation excluded
+        if is_main:
+            try:
+                self._repair()  # before any append: a torn last line is cut off first
+            except BaseException:
+                self.close()
+                raise
 
     @classmethod
     def open(cls, config: Config, *, log: Log, is_main: bool = True, device: Any = None) -> RunDir:
@@ -179,9 +213,14 @@ class RunDir:
         workdir = config.workdir or default_workdir(config)
         if os.path.exists(workdir) and not os.path.isdir(workdir):
             raise RunError(f"--workdir={workdir} is a file, not a directory: choose a directory")
+        _refuse_links(workdir)
         recorded = _recorded(workdir)
         _check_resume(config, workdir, recorded)
-        return cls(config, workdir, log, is_main, recorded, device)
+        changed_rule = _check_rule_source(config, workdir) if recorded and config.resume else None
+        run = cls(config, workdir, log, is_main, recorded, device)
+        if changed_rule:  # --accept_rule_change: the new source, recorded
+            run.event("feedback_rule_changed", feedback=config.feedback, sha256=changed_rule)
+        return run
 
     def __enter__(self) -> RunDir:
         return self
@@ -227,23 +266,31 @@ class RunDir:
             now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             self._append(EVENTS, {"event": kind, "time": now, **fields})
 
-    def resume(self, state: Any, meta: dict[str, Any]) -> tuple[Any, int]:
-        """``(state, epoch)`` of the newest intact checkpoint, or ``(state, 0)`` to start.
+    def resume(self, state: Any, meta: dict[str, Any]) -> tuple[Any, int | float]:
+        """``(state, epoch)`` of the checkpoint to continue from, or ``(state, 0)`` to start.
 
-        The metrics of epochs the checkpoint does not cover are dropped (they
-        are recomputed).
+        The newest intact checkpoint that the complete metrics records reach: a
+        crash between a checkpoint and its record (or a torn record) must not
+        leave a hole, so those epochs are recomputed, the newer checkpoints kept
+        (``save`` skips them). Records the checkpoint does not cover are dropped.
         """
-        restored = None
+        restored, records = None, []
         if self.config.resume:
-            restored = restore_latest(self.manager, state, meta, warn=self._warn_damaged)
-            if restored is None:
+            records = read_metrics(self.workdir)
+            reach = _reach(records, self.path(METRICS))
+            restored = restore_latest(self.manager, state, meta, warn=self._warn_damaged,
+                                      up_to=reach)  # fmt: skip
+            self._kept = {s for s in self.manager.all_steps() if s > math.ceil(reach)}
+            if self._kept:
+                self._records_behind(reach, restored[1] if restored else 0)
+            elif restored is None:
                 self.log(f"no checkpoint in {self.workdir}: starting the run at epoch 1")
         if restored is None:
             self._rewrite_metrics()
             return state, 0
         state, epoch = restored
         self.resumed, self.saved_epoch = True, epoch
-        self.history = [m for m in read_metrics(self.workdir) if m["epoch"] <= epoch]
+        self.history = [m for m in records if m["epoch"] <= epoch]
         self._elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
         self._train_s = self.history[-1].get("train_s", 0.0) if self.history else 0.0
         self._rewrite_metrics()
@@ -252,6 +299,26 @@ class RunDir:
         self.event("resume", epoch=epoch, changed=changed, provenance=provenance(self.device))
         self.log(f"resumed {self.workdir} from the checkpoint of epoch {epoch}")
         return state, epoch
+
+    def _records_behind(self, reach: int, epoch: int) -> None:
+        kept = sorted(self._kept)
+        self.event("records_behind", records_reach=reach, checkpoints=kept, continue_from=epoch)
+        self.log(f"warning: {self.path(METRICS)} records epochs up to {reach} only, the"
+                 f" checkpoints reach epoch {kept[-1]} (a crash cut the records short): continuing"
+                 f" from {f'the checkpoint of epoch {epoch}' if epoch else 'the start'}, epochs"
+                 f" {epoch + 1} to {kept[-1]} are recomputed (their checkpoints are kept)")
+
+    def _repair(self) -> None:
+        """Cuts a torn last line off both JSONL files, then records the cut bytes in an event."""
+        cut = {}
+        for name in (EVENTS, METRICS):
+            with self._writing(name):
+                cut[name] = cut_torn_line(self.path(name))
+        for name, tail in cut.items():
+            if tail is not None:
+                self.event("repaired", file=name, cut=tail.decode(errors="replace"))
+                self.log(f"warning: the last line of {self.path(name)} was cut short by a crash"
+                         f" ({len(tail)} bytes): removed it; the lines before it are intact")
 
     def _warn_damaged(self, line: str) -> None:
         self.event("checkpoint_damaged", detail=line)
@@ -268,6 +335,8 @@ class RunDir:
         if not self.recorded:
             record = {**self.config.to_dict(), "sizes": list(sizes), "workdir": self.workdir,
                       "provenance": provenance(self.device)}  # fmt: skip
+            if rule := rule_record(self.config.feedback):  # a rule by import path, and its hash
+                record["feedback_rule"] = rule
             with self._writing(CONFIG):
                 write_atomic(self.path(CONFIG), json.dumps(record, indent=2) + "\n")
         self.event("start", epochs=self.config.epochs)
@@ -280,13 +349,16 @@ class RunDir:
         self._train_s += seconds
         return self._train_s
 
-    def save(self, epoch: int, state: Any, meta: dict[str, Any]) -> None:
+    def save(self, epoch: int | float, state: Any, meta: dict[str, Any]) -> None:
         """Checkpoints ``state`` as epoch ``epoch``.
 
         Asynchronous: a failed write of the previous save surfaces here (or at
         ``close``) as a RunError naming that epoch.
         """
         self._wait_saved()  # the next save would wait for it anyway
+        if epoch in self._kept:  # on disk from before a resume that recomputed it (``resume``)
+            self.saved_epoch = epoch
+            return
         with self._writing(f"the checkpoint of epoch {epoch}"):
             save_checkpoint(self.manager, epoch, state, meta)
         self.saved_epoch = epoch
@@ -301,12 +373,13 @@ class RunDir:
         self.epoch_times.append(record["epoch_s"])
         if self.is_main:
             self._append(METRICS, record)
+        self.last_recorded = (epoch, state)
         self.log(format_line(record, config.epochs, self._epoch_s() * (config.epochs - epoch)))
 
-    def last_checkpoint(self) -> int | None:
+    def last_checkpoint(self) -> int | float | None:
         """The epoch of the newest checkpoint on disk (after pending saves finish)."""
         self._wait_saved()
-        return self.manager.latest_step()
+        return self.saved_epoch if self.manager.latest_step() is not None else None
 
     def _wait_saved(self) -> None:
         """Waits for the pending checkpoint write; a failed one is one line (``_writing``)."""
@@ -342,9 +415,32 @@ class RunDir:
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         with self._writing(name):
-            fd = os.open(self.path(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, (json.dumps(record) + "\n").encode())  # one write: one whole line
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_line(self.path(name), json.dumps(record) + "\n")
+
+
+def _refuse_links(workdir: str) -> None:
+    """Refuses a record file (or ``checkpoints/``, ``damaged/``) that is a symbolic link.
+
+    A run directory received from someone else must never make a run write
+    outside it; files are also opened with ``O_NOFOLLOW`` (``bpjax.files``).
+    """
+    for name in (LOCK, CONFIG, METRICS, EVENTS, "checkpoints", "damaged"):
+        refuse_link(os.path.join(workdir, name), "choose another --workdir")
+
+
+def _reach(records: list[dict[str, Any]], path: str) -> int | float:
+    """The epoch the metrics records reach (0: none; 1.5: part-way through epoch 2).
+
+    A record without a numeric epoch, or out of order, is refused in one line:
+    the records could not say which epochs they hold.
+    """
+    last = 0.0
+    for i, record in enumerate(records):
+        epoch = record.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int | float) or epoch <= last:
+            raise RunError(
+                f"{path}: record {i + 1} has epoch {epoch!r} after epoch {last:g}; the records"
+                " must count up from epoch 1: restore the file, or start a new --workdir"
+            )
+        last = epoch
+    return int(last) if float(last).is_integer() else last

@@ -6,8 +6,14 @@
 
     fig = bpjax.runs_figure(["runs/a", "runs/b"])   # learning curves, one line per run
 
-``load_run`` only reads: a damaged checkpoint is skipped with a warning (the
-training loop, not a reader, moves damaged ones aside). The initial parameters
+``load_run`` only reads, and writes nothing (a run directory on a read-only disk,
+or someone else's, stays as it was): a damaged checkpoint, or one whose arrays
+fail their checksums, is skipped with a warning (the training loop, not a
+reader, moves damaged ones aside). The latest checkpoint is the end of the run,
+however it ended (``bpjax.rundir``): its parameters are those of the last
+metrics record, part-way through an epoch too (``run.epoch`` is then a
+fraction, e.g. 1.5, and ``load_run(workdir, epoch=2)`` reads it: a checkpoint
+is numbered by the epoch under way). The initial parameters
 need no checkpoint: they are drawn again from the run's seed exactly as
 ``train`` drew them. ``config`` is the recorded one with the changes its
 resumes made (``--epochs`` extended, ...), i.e. the settings of the run's last part.
@@ -24,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from bpjax.checkpoint import checkpoint_manager, newest_intact, restore_epoch
+from bpjax.checkpoint import checkpoint_manager, newest_intact, restore_step
 from bpjax.config import Config, read_record
-from bpjax.errors import CheckpointError, RunError
+from bpjax.errors import CheckpointError, RunError, first_line
 from bpjax.network import Params
 from bpjax.parallel import Placement
 from bpjax.rundir import CONFIG, EVENTS, read_jsonl, read_metrics
-from bpjax.train import checkpoint_meta, init_state
+from bpjax.training import checkpoint_meta, init_state
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -45,7 +51,7 @@ class Run:
     sizes: tuple[int, ...]
     metrics: list[dict[str, Any]]
     events: list[dict[str, Any]]
-    epoch: int  # the epoch whose parameters ``params`` holds (0: the initial ones)
+    epoch: int | float  # where ``params`` are (0: the initial ones; 1.5: mid-epoch 2)
     params: Params  # NumPy arrays, in the run's dtype
     checkpoints: tuple[int, ...]  # the epochs with a checkpoint on disk
 
@@ -78,30 +84,34 @@ def load_run(workdir: str, epoch: int | None = None) -> Run:
 
     ``epoch=0`` gives the initial parameters. Raises RunError for a directory
     that holds no run, CheckpointError for an epoch without an intact checkpoint
-    (the message lists the epochs there are).
+    (the message lists the epochs there are) or a run without ``checkpoints/``.
     """
     record, events = _record(workdir)
     config = _replay(record, events)
     sizes = tuple(record["sizes"])
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if epoch != 0 and not os.path.isdir(checkpoints):  # a reader creates nothing
+        raise CheckpointError(f"no checkpoints in {workdir} (no {checkpoints}); epoch 0, the"
+                              " initial parameters, needs none: load_run(workdir, epoch=0)")
     x64 = jax.enable_x64(True) if config.dtype == "float64" else contextlib.nullcontext()
     with x64:
         template = init_state(config, sizes, Placement(jax.devices("cpu")[0]))
-        manager = checkpoint_manager(workdir, keep=config.keep_checkpoints)
-        try:
-            available = tuple(sorted(manager.all_steps()))
-            if epoch == 0:
-                state, found = template, 0
-            else:
-                state, found = _restore(manager, template, checkpoint_meta(config, sizes),
-                                        epoch, available)  # fmt: skip
-        finally:
-            manager.close()
+        state, found, available = template, 0, ()
+        if os.path.isdir(checkpoints):
+            manager = checkpoint_manager(workdir, read_only=True)
+            try:
+                available = tuple(sorted(manager.all_steps()))
+                if epoch != 0:
+                    state, found = _restore(manager, template, checkpoint_meta(config, sizes),
+                                            epoch, available)  # fmt: skip
+            finally:
+                manager.close()
         params = jax.device_get(state.params)
     return Run(workdir, config, sizes, read_metrics(workdir), events, found, params, available)
 
 
 def _restore(manager: Any, template: Any, meta: dict[str, Any], epoch: int | None,
-             available: tuple[int, ...]) -> tuple[Any, int]:  # fmt: skip
+             available: tuple[int, ...]) -> tuple[Any, int | float]:  # fmt: skip
     if epoch is not None:
         if epoch not in available:
             have = ", ".join(map(str, available)) or "none"
@@ -109,10 +119,10 @@ def _restore(manager: Any, template: Any, meta: dict[str, Any], epoch: int | Non
                 f"{manager.directory} has no checkpoint of epoch {epoch} (it has: {have}; epoch 0,"
                 " the initial parameters, is always there)"
             )
-        return restore_epoch(manager, epoch, template, meta), epoch
+        return restore_step(manager, epoch, template, meta)
     def skip(e: int, err: Exception) -> None:  # a damaged checkpoint: read the one before
-        warnings.warn(f"checkpoint {manager.directory}/{e} cannot be read ({err!s:.120});"
-                      " using the one before it", stacklevel=5)  # the caller of load_run
+        warnings.warn(f"checkpoint {manager.directory}/{e} cannot be read ({type(err).__name__}:"
+                      f" {first_line(err)}); using the one before it", stacklevel=5)
 
     found = newest_intact(manager, available, template, meta, on_damaged=skip)
     if found is not None:

@@ -25,11 +25,12 @@ from jax.sharding import Mesh
 from bpjax import parallel
 from bpjax.config import Config
 from bpjax.evaluation import batch_metrics
-from bpjax.feedback import Feedback, kp_feedback_grads
+from bpjax.feedback import Feedback
 from bpjax.methods import grad_fn, in_compute_dtype
-from bpjax.network import Params
+from bpjax.network import Net, Params
 from bpjax.noise_scale import noise_stats_grad_fn
 from bpjax.privacy import private_grad_fn
+from bpjax.rules import step_key
 
 if TYPE_CHECKING:
     from bpjax.parallel import Placement
@@ -74,7 +75,7 @@ class TrainState(NamedTuple):
     params: Params
     opt_state: optax.OptState
     step: Array  # int32 scalar: optimizer steps taken so far
-    feedback: Feedback = ()  # the rule's B matrices (bpjax.feedback); learned under kp
+    feedback: Feedback = ()  # the rule's state (bpjax.feedback): B matrices; learned under kp
 
 
 
@@ -109,80 +110,85 @@ def learning_rate(config: Config, steps_per_epoch: int = 1) -> float | optax.Sch
 GradFn = Callable[[Params, Array, Array, Array, Feedback], tuple[Params, Array]]
 
 
-def make_grad(config: Config, mesh: Mesh | None = None) -> GradFn:
+def make_grad(config: Config, mesh: Mesh | None = None, *, net: Net | None = None) -> GradFn:
     """``(params, x, y, key, feedback) -> (grads, outputs)`` for the configured method.
 
     The switchboard of gradient routes: the lowest module that sees all three
     tables (``methods.grad_fn``, ``privacy.private_grad_fn``,
     ``parallel.sharded_grad_fn``; with ``noise_scale``, ``noise_stats_grad_fn``,
     whose third output the step logs). ``grads`` is the rule's update
-    (``config.feedback``; the gradient under ``bp``). ``key`` feeds the DP-SGD
-    noise when ``dp_clip`` is set and is unused otherwise. With a ``mesh`` and
+    (``config.rule``; the gradient under ``bp``). ``key`` feeds the DP-SGD
+    noise when ``dp_clip`` is set, and a rule that draws its matrix (brsf) through
+    its own stream (``rules.step_key``); a rule that draws nothing never sees it.
+    ``net``: the network (default ``config.net()``, the dataset's shapes). With a ``mesh`` and
     ``config.parallel == "shard_map"``, the explicit per-device program;
     otherwise the single-device function (under a mesh, XLA partitions it from
     the batch's sharding).
     """
-    kw = dict(activation=config.activation, loss=config.loss, rule=config.feedback)
+    net, rule = net or config.net(), config.rule
     compute = config.dtype  # bfloat16: mixed precision (methods.py); else no cast at all
     if config.noise_scale:  # (grads, outputs, NoiseStats): the statistics of the same pass
-        stats = in_compute_dtype(noise_stats_grad_fn(config.method, **kw), compute)
-        return lambda params, x, y, key, feedback: stats(params, x, y, feedback)
-    if mesh is not None and config.parallel == "shard_map":
-        sharded = in_compute_dtype(parallel.sharded_grad_fn(config.method, mesh, **kw), compute)
-        return lambda params, x, y, key, feedback: sharded(params, x, y, feedback)
-    if config.dp_clip is not None:
+        fn = in_compute_dtype(noise_stats_grad_fn(net, config.method, rule=rule), compute)
+    elif mesh is not None and config.parallel == "shard_map":
+        fn = in_compute_dtype(parallel.sharded_grad_fn(net, config.method, mesh, rule=rule),
+                              compute)  # fmt: skip
+    elif config.dp_clip is not None:  # the noise's key, and the rule's from it (privacy.py)
         return private_grad_fn(
-            config.method, clip=config.dp_clip, noise_multiplier=config.dp_noise,
-            compute_dtype=compute, **kw,
+            net, config.method, clip=config.dp_clip, noise_multiplier=config.dp_noise,
+            rule=rule, compute_dtype=compute,
         )  # fmt: skip
-    grad = grad_fn(config.method, compute_dtype=compute, **kw)
-    return lambda params, x, y, key, feedback: grad(params, x, y, feedback)
+    else:
+        fn = grad_fn(net, config.method, rule=rule, compute_dtype=compute)
+    return lambda params, x, y, key, feedback: fn(params, x, y, feedback, step_key(rule, key))
 
 
 def train_step(
     state: TrainState, x: Array, y: Array, key: Array, *, grad: GradFn, optimizer, loss: str,
-    classify: bool = True, kp_decay: float | None = None,
+    classify: bool = True, learn: Callable | None = None, kp_decay: float | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step on the batch ``x: (B, n_0)``, ``y: (B, n_L)``.
 
-    With ``kp_decay`` (Kolen-Pollack), the feedback matrices learn with the
-    weights: B^l receives W^l's update dW^l, both decay by λ
-    (``feedback.kp_feedback_grads``), one optimizer over the pair.
+    With ``learn`` (a rule's, e.g. Kolen-Pollack's ``rules.kp_feedback_grads``), the
+    feedback learns with the weights: B^l receives W^l's update dW^l, both decay by
+    λ = ``kp_decay``, one optimizer over the pair.
     """
     grads, outputs, *stats = grad(state.params, x, y, key, state.feedback)
     metrics = batch_metrics(outputs, y, loss, classify)
     if stats:  # --noise_scale: this batch's S and |G_M|^2 (bpjax.noise_scale)
         metrics |= stats[0]._asdict()
-    if kp_decay is None:
+    if learn is None:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params, feedback = optax.apply_updates(state.params, updates), state.feedback
     else:
         pair = (state.params, state.feedback)
-        pair_grads = kp_feedback_grads(grads, state.params, state.feedback, kp_decay)
+        pair_grads = learn(grads, state.params, state.feedback, kp_decay)
         updates, opt_state = optimizer.update(pair_grads, state.opt_state, pair)
         params, feedback = optax.apply_updates(pair, updates)
     return TrainState(params, opt_state, state.step + 1, feedback), metrics
 
 
 def make_train_step(
-    config: Config, mesh: Mesh | None = None, *, steps_per_epoch: int = 1, classify: bool = True
+    config: Config, mesh: Mesh | None = None, *, net: Net | None = None,
+    steps_per_epoch: int = 1, classify: bool = True,
 ) -> Callable[[TrainState, Array, Array, Array], tuple[TrainState, dict[str, Array]]]:
     """``train_step`` as a run of ``config`` takes it: ``(state, x, y, key) -> (state, metrics)``.
 
     The configured gradient (``make_grad``), update rule and schedule
-    (``make_optimizer``; ``steps_per_epoch`` converts epochs to steps), and under kp
-    the feedback matrices learning with decay ``config.kp_decay``.
+    (``make_optimizer``; ``steps_per_epoch`` converts epochs to steps), and for a rule
+    whose feedback learns (kp) its ``learn`` with decay ``config.kp_decay``. ``net``:
+    the network (default ``config.net()``).
     """
+    learn = config.rule.learn
     return functools.partial(
-        train_step, grad=make_grad(config, mesh), loss=config.loss,
+        train_step, grad=make_grad(config, mesh, net=net), loss=config.loss,
         optimizer=make_optimizer(config, steps_per_epoch), classify=classify,
-        kp_decay=config.kp_decay if config.feedback == "kp" else None,
+        learn=learn, kp_decay=config.kp_decay if learn is not None else None,
     )  # fmt: skip
 
 
 def initial_opt_state(config: Config, params: Params, feedback: Feedback = ()) -> optax.OptState:
     """The update rule's state at step 0: of ``params``, or under kp of ``(params, feedback)``."""
-    learned = (params, feedback) if config.feedback == "kp" else params
+    learned = (params, feedback) if config.rule.learn is not None else params
     return make_optimizer(config).init(learned)
 
 

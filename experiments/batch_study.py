@@ -31,7 +31,8 @@ target or the trial's budget, in its own resumable workdir
 ``<runs_dir>/<tag>/<platform>/b<batch>/lr<lr>`` (``runs/`` is git-ignored), with a
 ``trial.json`` once it finished: reached, budget (exhausted without reaching) or
 diverged (``TrainingError``: an infeasible trial, as in Shallue et al.'s data). A
-finished trial is not run again; an unfinished one continues from its checkpoint.
+finished trial is not run again; an unfinished one continues from its checkpoint, and so
+does one whose ``trial.json`` is torn, incomplete or damaged (with a warning on stderr).
 Definitions (steps to target, the S_min/E_min/B_crit fit, B_simple of a run) are in
 ``bpjax.bench.study``; per batch the best trial is the one with the fewest steps.
 
@@ -75,6 +76,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -97,9 +99,10 @@ from bpjax.config import (
     scaled_lr,
     setting,
 )
-from bpjax.data import Dataset, load_dataset
-from bpjax.errors import ConfigError
+from bpjax.data import Dataset, dataset_shape, load_dataset
+from bpjax.errors import ConfigError, first_line
 from bpjax.files import write_atomic
+from bpjax.outputs import check_out_dir, writing
 from bpjax.rundir import read_metrics
 
 DEFAULT_LR = {"sgd": 0.3, "momentum": 0.03, "adam": 1e-3}
@@ -157,8 +160,17 @@ class StudySettings:
         check_choices("platforms", self.platforms, PLATFORMS)
         for name in ("lrs_per_batch", "max_epochs", "evals_per_epoch", "train_examples"):
             check_positive_int(name, getattr(self, name))
+        if self.max_steps < 0:
+            raise ConfigError("--max_steps must be 0 (no step budget) or a positive integer,"
+                              f" got {self.max_steps}")  # fmt: skip
         if not self.batches or any(b < 2 for b in self.batches):
             raise ConfigError(f"--batches must be sizes >= 2 (B_simple needs 2): {self.batches}")
+        if max(self.batches) > self.train_examples:  # an epoch of such a batch has no step
+            raise ConfigError(f"--batches: {max(self.batches)} is larger than --train_examples="
+                              f"{self.train_examples}: an epoch would have no step")  # fmt: skip
+        if self.train_examples > (n := dataset_shape(self.dataset).n_train):
+            raise ConfigError(f"--train_examples={self.train_examples} is more than the {n}"
+                              f" training images of {self.dataset}")  # fmt: skip
         if not (self.lr_factor > 1 and self.lr > 0 and 0 < self.target_accuracy <= 1):
             raise ConfigError("--lr_factor must be > 1, --lr > 0, --target_accuracy in (0, 1]")
 
@@ -199,12 +211,63 @@ def trial_config(s: StudySettings, platform: str, batch: int, lr: float, epochs:
                   keep_checkpoints=1)  # fmt: skip
 
 
-def recorded(workdir: str) -> dict[str, Any] | None:
+_NUM, _OPT_NUM, _OPT_INT = (int, float), (int, float, type(None)), (int, type(None))
+# Every key run_trial writes, with its types: a trial.json without one of them, or with
+# another type (torn by a crash, hand-edited), is no record of a finished trial.
+RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "platform": (str,), "batch": (int,), "lr": _NUM, "status": (str,), "budget_epochs": (int,),
+    "steps_per_epoch": (int,), "eval_every_steps": _OPT_INT, "target_step": _OPT_INT,
+    "target_epoch": _OPT_NUM, "target_examples": _OPT_INT, "target_train_s": _OPT_NUM,
+    "target_elapsed_s": _OPT_NUM, "compile_s": _OPT_NUM, "final_step": (int,),
+    "final_epoch": _NUM, "best_test_accuracy": _OPT_NUM, "b_simple": _OPT_NUM,
+    "b_simple_median": _OPT_NUM, "wall_s": _NUM, "load_average": _NUM, "reason": (str,),
+    "workdir": (str,),
+}  # fmt: skip
+
+
+def recorded(workdir: str, **expected: Any) -> dict[str, Any] | None:
+    """The ``trial.json`` of ``workdir``, or None when there is none or it is unusable.
+
+    An unusable record (not JSON, a key missing or of another type, an unknown
+    status, a hit without its step, or a trial other than ``expected``, e.g.
+    ``batch=64``) gets a warning on stderr: the trial runs again, resuming its workdir.
+    """
     path = os.path.join(workdir, "trial.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = f"unreadable ({type(e).__name__}: {first_line(e)})"
+    else:
+        problem = record_problem(record, expected)
+    if problem is None:
+        return record
+    print(f"warning: {path} is {problem}: running the trial again", file=sys.stderr, flush=True)
+    return None
+
+
+def record_problem(record: Any, expected: Mapping[str, Any]) -> str | None:
+    """What makes ``record`` no record of a finished trial (see :func:`recorded`), or None."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    for key, types in RECORD_TYPES.items():
+        if key not in record:
+            return f"incomplete (no {key!r})"
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"damaged ({key!r} is {value!r})"
+    if record["status"] not in FINISHED:
+        return f"damaged (status {record['status']!r} is not one of {', '.join(FINISHED)})"
+    if record["status"] == "reached" and None in (record["target_step"], record["target_epoch"],
+                                                  record["target_train_s"]):  # fmt: skip
+        return "damaged (reached, but no target_step, target_epoch or target_train_s)"
+    for key, value in expected.items():
+        same = math.isclose(record[key], value) if key == "lr" else record[key] == value
+        if not same:
+            return f"another trial's record ({key} {record[key]!r}, expected {value!r})"
+    return None
 
 
 def finished(record: Mapping[str, Any] | None, epochs: int) -> bool:
@@ -244,7 +307,9 @@ def run_trial(config: Config, dataset: Dataset, verbose: bool, **fields: Any) ->
         "wall_s": time.perf_counter() - t0, "load_average": os.getloadavg()[0],
         "reason": error or "", "workdir": config.workdir,
     }  # fmt: skip
-    write_atomic(os.path.join(config.workdir, "trial.json"), json.dumps(record, indent=1) + "\n")
+    with writing("runs_dir", config.workdir):
+        write_atomic(os.path.join(config.workdir, "trial.json"),
+                     json.dumps(record, indent=1) + "\n")  # fmt: skip
     return record
 
 
@@ -263,7 +328,7 @@ def batch_trials(s: StudySettings, platform: str, grid: Mapping[str, Any], datas
         if s.prune and s.prunable and best_step is not None:
             epochs = min(full, max(math.ceil(best_step / spe), math.ceil(s.warmup_epochs)))
         workdir = os.path.join(s.runs_dir, s.tag, platform, f"b{batch}", f"lr{lrs[i]:.6g}")
-        record = recorded(workdir)
+        record = recorded(workdir, platform=platform, batch=batch, lr=lrs[i])
         ran = not finished(record, epochs)
         if ran:
             config = trial_config(s, platform, batch, lrs[i], epochs, every, workdir)
@@ -303,7 +368,7 @@ class Progress:
 def default_run(s: StudySettings, platform: str, dataset: Dataset) -> dict[str, Any]:
     """``bpjax.Config(epochs=40)`` (batch 128, lr 0.1, sgd, all images) to the same target."""
     workdir = os.path.join(s.runs_dir, s.tag, platform, "default-config")
-    record = recorded(workdir)
+    record = recorded(workdir, platform=platform)
     if not finished(record, 40):
         config = Config(epochs=40, target_accuracy=s.target_accuracy, dataset=s.dataset,
                         seed=s.seed, platform=platform, workdir=workdir, resume=True)  # fmt: skip
@@ -368,6 +433,8 @@ def main(argv: Sequence[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint at INFO
     s = cli.from_flags(StudySettings)
+    check_out_dir("out_dir", s.out_dir)  # refused before any trial runs, not after them all
+    check_out_dir("runs_dir", s.runs_dir)
     t0, load_before = time.perf_counter(), os.getloadavg()
     grid = study_grid(s)
     total = len(s.platforms) * sum(len(g["lrs"]) for g in grid)
@@ -389,7 +456,8 @@ def main(argv: Sequence[str]) -> None:
              "trials_wall_s": sum(t["wall_s"] for t in trials),  # when each one ran
              "load_average": {"before": load_before, "after": os.getloadavg()},
              "devices": {p: device_info(jax.devices(p)[0]) for p in s.platforms}}  # fmt: skip
-    paths = write_outputs(s, trials, summary, extra)
+    with writing("out_dir", s.out_dir):  # the trials are kept: a rerun only writes these
+        paths = write_outputs(s, trials, summary, extra)
     print("\n" + study.format_report(summary, compare) + "\n")
     print(f"wrote {', '.join(paths)}")
     print(

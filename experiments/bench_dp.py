@@ -5,8 +5,8 @@ For ``bpjax.Config``'s network (784-500-10 ReLU MLP) in float32 and batch sizes
 
   (a) ``norms``:   ``privacy.per_example_grad_norms``, eq. (N) of ``bpjax/privacy.py``;
   (b) ``clipped``: ``privacy.clipped_grad``, the clipped sum by ghost clipping, eq. (C);
-  (n) ``dp``:      ``privacy.private_grad_fn("manual", ...)``, (b) plus Gaussian noise and ÷M;
-  (c) ``vmap``:    ``privacy.private_grad_fn("autodiff", ...)`` with no noise:
+  (n) ``dp``:      ``privacy.private_grad_fn(net, "manual", ...)``, (b) plus Gaussian noise and ÷M;
+  (c) ``vmap``:    ``privacy.private_grad_fn(net, "autodiff", ...)`` with no noise:
                    ``jax.vmap(jax.grad(ℓ))`` per-example gradients, then norm, clip, sum, ÷M;
   (d) ``manual``:  an ordinary (unclipped) ``manual_grad`` step,
 
@@ -38,7 +38,7 @@ from bpjax.bench.steps import random_batch
 from bpjax.bench.timing import compare_fns, compile_fn, machine_line
 from bpjax.config import Config, check_positive_float, check_positive_int, check_sizes, setting
 from bpjax.formulas import manual_grad_and_output
-from bpjax.network import init_params
+from bpjax.network import Net, init_params
 
 NET = Config()  # the network's activation and loss
 ROUTES = ("norms", "clipped", "dp", "vmap", "manual")
@@ -71,14 +71,15 @@ cli.define_flags(DPBench)
 
 def route_fns(s: DPBench) -> dict[str, Callable]:
     """The jitted functions (params, x, y, key) -> output of every route."""
-    net = dict(activation=NET.activation, loss=NET.loss)
-    dp = dict(clip=s.clip, **net)
+    net = Net.mlp(s.sizes, NET.activation, NET.loss)
     return {
-        "norms": jax.jit(lambda p, x, y, k: privacy.per_example_grad_norms(p, x, y, **net)),
-        "clipped": jax.jit(lambda p, x, y, k: privacy.clipped_grad(p, x, y, **dp)),
-        "dp": jax.jit(privacy.private_grad_fn("manual", noise_multiplier=s.noise_multiplier, **dp)),
-        "vmap": jax.jit(privacy.private_grad_fn("autodiff", noise_multiplier=0.0, **dp)),
-        "manual": jax.jit(lambda p, x, y, k: manual_grad_and_output(p, x, y, **net)),
+        "norms": jax.jit(lambda p, x, y, k: privacy.per_example_grad_norms(net, p, x, y)),
+        "clipped": jax.jit(lambda p, x, y, k: privacy.clipped_grad(net, p, x, y, clip=s.clip)),
+        "dp": jax.jit(privacy.private_grad_fn(net, "manual", clip=s.clip,
+                                              noise_multiplier=s.noise_multiplier)),
+        "vmap": jax.jit(privacy.private_grad_fn(net, "autodiff", clip=s.clip,
+                                                noise_multiplier=0.0)),
+        "manual": jax.jit(lambda p, x, y, k: manual_grad_and_output(net, p, x, y)),
     }
 
 

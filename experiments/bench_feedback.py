@@ -6,7 +6,7 @@ r"""Step time of every feedback rule against bp, interleaved in one process (iss
 On ``bpjax.Config``'s network (784-500-10, ReLU, softmax cross-entropy, SGD lr
 0.1) it times, at each batch size, one full training step per rule: the
 ``manual`` gradient under the rule (``methods.grad_fn(..., rule=...)``) and
-the SGD update, ``bpjax.train.train_step`` with the state donated. fa, dfa and
+the SGD update, ``bpjax.training.train_step`` with the state donated. fa, dfa and
 sign pass their fixed feedback as an argument; kp's state holds ``(params, B)``
 and updates both with ``feedback.kp_feedback_grads`` (weight decay
 ``--kp_decay``), as a training loop does. The rules run interleaved
@@ -37,7 +37,7 @@ from bpjax.bench.timing import compare_fns, machine_line
 from bpjax.config import Config, check_choices, check_positive_int, setting
 from bpjax.feedback import FEEDBACK_RULES, alignment, init_feedback
 from bpjax.network import init_params
-from bpjax.train import TrainState, compiler_options, initial_opt_state, make_train_step
+from bpjax.training import TrainState, compiler_options, initial_opt_state, make_train_step
 
 NET = Config()  # the network, activation, loss and lr of a training run
 FLOOR = 1.05
@@ -68,13 +68,14 @@ cli.define_flags(FeedbackBench)
 def rule_step(rule: str, decay: float, batch: int) -> Callable:
     """The training loop's own step under ``rule``, jitted, state donated.
 
-    ``(state, x, y) -> (state, metrics)``: ``bpjax.train.train_step`` with the
+    ``(state, x, y) -> (state, metrics)``: ``bpjax.training.train_step`` with the
     rule's gradient (``make_grad``) and plain SGD; the rule's B rides in
     ``state.feedback`` and, under kp, learns with W (``kp_decay``), as in training.
     """
     step_fn = make_train_step(Config(feedback=rule, kp_decay=decay, batch=batch))
     options = compiler_options(jax.devices()[0].platform, batch)
-    return jax.jit(lambda state, x, y: step_fn(state, x, y, None), donate_argnums=0,
+    key = jax.random.key(0)  # the step's key: only a rule that draws (brsf) uses it
+    return jax.jit(lambda state, x, y: step_fn(state, x, y, key), donate_argnums=0,
                    compiler_options=options)  # fmt: skip
 
 
@@ -87,8 +88,10 @@ def rule_state(rule: str, params: Any, feedback: Any) -> TrainState:
 def bench(s: FeedbackBench) -> list[dict[str, Any]]:
     """One row per batch and rule: step timing, ratio to bp, alignment's cost."""
     sizes = NET.sizes
-    params = init_params(jax.random.key(0), sizes)
-    feedback = {r: init_feedback(jax.random.key(1), sizes, r) for r in s.rules}
+    net = NET.net()
+    params = init_params(jax.random.key(0), net)
+    feedback = {r: init_feedback(jax.random.key(1), net, r) for r in s.rules}
+    key = jax.random.key(2)  # brsf's draw for the alignment
     copy = functools.partial(jax.tree.map, lambda a: a.copy())
     rows = []
     for batch in s.batches:
@@ -98,8 +101,8 @@ def bench(s: FeedbackBench) -> list[dict[str, Any]]:
                  for r in s.rules}  # fmt: skip
         t = compare_fns(steps, repeats=s.repeats, warmup=3, carry=True, min_time_s=s.min_time_s)
         align = {
-            r: (jax.jit(functools.partial(alignment, rule=r, activation=NET.activation,
-                                          loss=NET.loss)), (params, feedback[r], x, y))
+            r: (jax.jit(functools.partial(alignment, net, rule=r, key=key)),
+                (params, feedback[r], x, y))
             for r in s.rules if r != "bp"
         }  # fmt: skip
         ta = compare_fns(align, repeats=max(3, s.repeats // 4), warmup=1) if align else {}

@@ -3,7 +3,7 @@ r"""jit(manual_grad) against jit(jax.grad), paired in one process.
     python experiments/bench_grad.py
 
 times, on ``bpjax.Config``'s network (784-500-10) at batch 1, 128, 512, 2048
-and 8192, the gradient alone (``bpjax.methods.grad_fn("manual")`` against
+and 8192, the gradient alone (``bpjax.methods.grad_fn(net, "manual")`` against
 ``"autodiff"``) and the full training step (``bpjax.bench.steps.sgd_step``:
 gradient + SGD update, state donated), the two methods interleaved so machine
 noise hits both alike; compile time apart, median of the repeats. It prints one
@@ -33,7 +33,7 @@ from bpjax.bench.steps import random_batch, sgd_state, sgd_step, step_flops
 from bpjax.bench.timing import compare_fns, machine_line
 from bpjax.config import Config, check_positive_int, check_sizes, setting
 from bpjax.methods import grad_fn
-from bpjax.network import init_params
+from bpjax.network import Net, init_params
 from bpjax.step import compiler_options
 
 NET = Config()  # the network, activation, loss and lr of a training run
@@ -68,16 +68,16 @@ def _dump_hlo(directory: str, batch: int, fns: dict[str, tuple[Any, tuple]]) -> 
 
 def bench(s: GradBench) -> list[dict[str, Any]]:
     """Rows ``{batch, what, method: Timing dict, ratio}`` for gradient and step."""
-    net = dict(activation=NET.activation, loss=NET.loss)
-    params = init_params(jax.random.key(0), s.sizes)
+    net = Net.mlp(s.sizes, NET.activation, NET.loss)
+    params = init_params(jax.random.key(0), net)
     rows = []
     for batch in s.batches:
         x, y = jax.device_put(random_batch(s.sizes, batch, np.random.default_rng(batch)))
         # Both methods compiled as the training loop compiles its step at this batch.
         options = compiler_options(jax.devices()[0].platform, batch)
-        grads = {m: (jax.jit(grad_fn(m, **net), compiler_options=options), (params, x, y))
+        grads = {m: (jax.jit(grad_fn(net, m), compiler_options=options), (params, x, y))
                  for m in METHODS}  # fmt: skip
-        steps = {m: (sgd_step(m, **net, lr=NET.lr, compiler_options=options)[0],
+        steps = {m: (sgd_step(net, m, lr=NET.lr, compiler_options=options)[0],
                      (sgd_state(jax.tree.map(lambda a: a.copy(), params)), x, y))
                  for m in METHODS}  # fmt: skip
         for what, fns, carry in (("grad", grads, False), ("step", steps, True)):

@@ -33,8 +33,8 @@ from bpjax.bench.timing import compare_fns, machine_line
 from bpjax.config import Config, check_positive_int, check_sizes, setting
 from bpjax.errors import ConfigError
 from bpjax.methods import METHODS
-from bpjax.network import init_params
-from bpjax.train import make_train_step, run_epoch
+from bpjax.network import Net, init_params
+from bpjax.training import make_train_step, run_epoch
 
 NET = Config()  # the network, activation, loss and lr of a training run
 
@@ -62,15 +62,17 @@ class NoiseScaleBench:
 cli.define_flags(NoiseScaleBench)
 
 
-def sgd_steps(method: str, *, activation: str, loss: str, lr: float) -> dict[str, Callable]:
+def sgd_steps(method: str, *, sizes: tuple[int, ...], activation: str, loss: str,
+              lr: float) -> dict[str, Callable]:  # fmt: skip
     """``{"plain", "stats"}``: the training loop's SGD step, ``(state, x, y, key)``.
 
     ``make_train_step`` of a run without and with ``noise_scale``: ``plain`` takes its
     gradient from ``grad_fn(method)``, ``stats`` from ``noise_stats_grad_fn(method)``,
     its ``NoiseStats`` in the metrics. (Compiled without ``step.compiler_options``.)
     """
-    net = Config(method=method, activation=activation, loss=loss, lr=lr)
-    return {name: make_train_step(net.replace(noise_scale=stats))
+    config = Config(method=method, activation=activation, loss=loss, lr=lr)
+    net = Net.mlp(sizes, activation, loss)
+    return {name: make_train_step(config.replace(noise_scale=stats), net=net)
             for name, stats in (("plain", False), ("stats", True))}  # fmt: skip
 
 
@@ -89,7 +91,7 @@ def bench(s: NoiseScaleBench) -> list[dict[str, Any]]:
     for batch in s.batches:
         x, y = _data(batch, s.sizes, batch)
         for method in s.methods:
-            steps = sgd_steps(method, **net)
+            steps = sgd_steps(method, sizes=s.sizes, **net)
             epochs = {k: functools.partial(run_epoch, step_fn=f, batch=batch)
                       for k, f in steps.items()}  # fmt: skip
             cases = {

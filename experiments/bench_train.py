@@ -40,7 +40,7 @@ from bpjax.bench.report import write_json
 from bpjax.bench.steps import gemm_only_args, gemm_only_fn
 from bpjax.bench.timing import compare_fns, device_info
 from bpjax.config import check_positive_int, setting
-from bpjax.train import (
+from bpjax.training import (
     TrainState,
     compiler_options,
     initial_opt_state,

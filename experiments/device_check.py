@@ -45,6 +45,7 @@ import jax
 from bpjax import cli
 from bpjax.config import PLATFORMS, check_choices, setting
 from bpjax.files import write_atomic
+from bpjax.outputs import make_out_dir, writing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("env", "tests", "train", "bench_grad", "sweep_f32", "sweep_bf16", "study")
@@ -155,17 +156,18 @@ def main(argv: list[str]) -> None:
     del argv
     settings = cli.from_flags(CheckSettings)
     out = os.path.abspath(settings.out_dir or default_out_dir(settings.platform))
-    os.makedirs(out, exist_ok=True)
+    make_out_dir("out_dir", out)  # a file or a read-only place: refused before any stage
     commands = stage_commands(settings, out)
     results = []
-    for name in settings.stages:
-        argv, limit = commands[name]
-        print(f"[{name}] running (limit {limit:.0f}s) ...", flush=True)
-        results.append(run_stage(name, argv, limit, out))
-        print(f"[{name}] {results[-1]['status']} in {results[-1]['seconds']}s: "
-              f"{results[-1]['last_line']}", flush=True)  # fmt: skip
-    summary = {"settings": dataclasses.asdict(settings), "out_dir": out, "stages": results}
-    write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
+    with writing("out_dir", out):  # each stage's log, then the summary (a full disk: one line)
+        for name in settings.stages:
+            argv, limit = commands[name]
+            print(f"[{name}] running (limit {limit:.0f}s) ...", flush=True)
+            results.append(run_stage(name, argv, limit, out))
+            print(f"[{name}] {results[-1]['status']} in {results[-1]['seconds']}s: "
+                  f"{results[-1]['last_line']}", flush=True)  # fmt: skip
+        summary = {"settings": dataclasses.asdict(settings), "out_dir": out, "stages": results}
+        write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
     print(f"\n{'stage':11} {'status':28} {'seconds':>7}")
     for r in results:
         print(f"{r['stage']:11} {r['status']:28} {r['seconds']:7.1f}")

@@ -22,6 +22,7 @@ from bpjax.config import setting
 from bpjax.data import load_dataset
 from bpjax.errors import ConfigError
 from bpjax.idx import IDX_FILES, write_idx
+from bpjax.outputs import check_out_dir, make_out_dir, writing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +37,17 @@ cli.define_flags(ExportSettings)
 def main(argv: list[str]) -> None:
     del argv
     s = cli.from_flags(ExportSettings)
+    check_out_dir("out", s.out)  # before loading: an unwritable --out costs nothing
     data = load_dataset(s.dataset)
-    os.makedirs(s.out, exist_ok=True)
+    make_out_dir("out", s.out)
     for key, base in IDX_FILES.items():
         array = getattr(data, key)
         if key.startswith("x"):  # float32 in [0, 1] back to the uint8 pixels (x = u8 / 255)
             array = np.rint(array * np.float32(255)).astype(np.uint8).reshape(-1, 28, 28)
         else:
             array = array.astype(np.uint8)
-        write_idx(os.path.join(s.out, f"{base}.gz"), array)
+        with writing("out", s.out):
+            write_idx(os.path.join(s.out, f"{base}.gz"), array)
     check = load_dataset(s.dataset, data_dir=s.out)  # SHA-256 of every decoded array
     if not np.array_equal(check.x_test, data.x_test):
         raise ConfigError(f"{s.out}: the files read back differ from the dataset")

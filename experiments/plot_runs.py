@@ -16,6 +16,7 @@ from bpjax import cli
 from bpjax.bench.report import save_png
 from bpjax.config import setting
 from bpjax.errors import ConfigError
+from bpjax.outputs import check_out_file, writing
 from bpjax.runs import runs_figure
 
 
@@ -32,7 +33,10 @@ def main(argv: list[str]) -> None:
     if not workdirs:
         raise ConfigError("name at least one run directory: plot_runs.py RUN [RUN ...]")
     settings = cli.from_flags(PlotSettings)
-    save_png(runs_figure(workdirs), settings.out, bbox_inches=None)  # the figure's own size
+    check_out_file("out", settings.out)  # before reading the runs: a bad path costs nothing
+    figure = runs_figure(workdirs)
+    with writing("out", settings.out):
+        save_png(figure, settings.out, bbox_inches=None)  # the figure's own size
     print(f"wrote {settings.out} ({len(workdirs)} runs)")
 
 

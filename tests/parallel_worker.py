@@ -36,13 +36,13 @@ import functools  # noqa: E402
 
 import numpy as np  # noqa: E402
 from jax import export  # noqa: E402
-from test_parallel import RUNS, SMALL, TOY, batch_inputs  # noqa: E402
+from test_parallel import NET, RUNS, SMALL, TOY, batch_inputs  # noqa: E402
 
 from bpjax import parallel  # noqa: E402
 from bpjax.config import Config  # noqa: E402
 from bpjax.methods import METHODS  # noqa: E402
 from bpjax.network import init_params  # noqa: E402
-from bpjax.train import TrainState, initial_opt_state, make_train_step, run_epoch, train  # noqa: E402
+from bpjax.training import TrainState, initial_opt_state, make_train_step, run_epoch, train  # noqa: E402
 
 
 def save_leaves(path: str, tree) -> None:
@@ -53,7 +53,7 @@ def grads_on_one_batch(out: str, mesh) -> None:
     params, x, y = batch_inputs()
     save_leaves(os.path.join(out, "inputs.npz"), (params, x, y))
     for method in METHODS:
-        grads, outputs = jax.jit(parallel.sharded_grad_fn(method, mesh))(params, x, y)
+        grads, outputs = jax.jit(parallel.sharded_grad_fn(NET, method, mesh))(params, x, y)
         assert outputs.sharding.spec == parallel.row_sharded(mesh).spec
         save_leaves(os.path.join(out, f"grads-{method}.npz"), grads)
         save_leaves(os.path.join(out, f"outputs-{method}.npz"), outputs)
@@ -69,7 +69,7 @@ def collectives(mesh) -> dict[str, dict[str, int]]:
         config = Config(**SMALL, num_devices=8, parallel=form)
         state = TrainState(params, initial_opt_state(config, params), np.zeros((), np.int32))
         state, x, y = parallel.replicate((state, x, y), mesh)
-        step_fn = make_train_step(config, mesh)
+        step_fn = make_train_step(config, mesh, net=config.net(12, 3))
         place = parallel.Placement(mesh.devices.flat[0], mesh, form)
         epoch = functools.partial(run_epoch, step_fn=step_fn, batch=config.batch, place=place)
         hlo = jax.jit(epoch).lower(state, x, y, jax.random.key(1)).compile().as_text()

@@ -8,6 +8,7 @@ end-to-end test runs it as a user does, in a subprocess on a slice of real MNIST
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import pathlib
@@ -180,6 +181,108 @@ def test_settings_defaults_quick_and_names(script):
     assert not script.finished({"status": "budget", "budget_epochs": 3}, 4)  # a bigger budget
     assert script.finished({"status": "diverged", "budget_epochs": 1}, 9)
     assert not script.finished(None, 1)
+
+
+# ------------------------------------------------------------------ refusals and damage
+
+
+def test_settings_refuse_a_batch_larger_than_the_training_examples(script):
+    with pytest.raises(bpjax.ConfigError) as e:
+        script.StudySettings(batches=(64, 512), train_examples=256, platforms=("cpu",))
+    assert str(e.value) == ("--batches: 512 is larger than --train_examples=256: an epoch would"
+                            " have no step")  # fmt: skip
+    with pytest.raises(bpjax.ConfigError, match="is more than the 60000 training images"):
+        script.StudySettings(train_examples=60001, platforms=("cpu",))
+    assert script.StudySettings(batches=(256,), train_examples=256, platforms=("cpu",))
+
+
+def _complete_record(**changes):
+    """A trial.json as run_trial writes it."""
+    record = {"platform": "cpu", "batch": 64, "lr": 0.3, "status": "budget", "lr_index": 0,
+              "lr_centre": 0.3, "pruned": False, "budget_epochs": 3, "steps_per_epoch": 16,
+              "eval_every_steps": 4, "target_step": None, "target_epoch": None,
+              "target_examples": None, "target_train_s": None, "target_elapsed_s": None,
+              "compile_s": 1.5, "final_step": 48, "final_epoch": 3.0,
+              "best_test_accuracy": 0.9, "b_simple": 120.0, "b_simple_median": 100.0,
+              "wall_s": 4.0, "load_average": 1.2, "reason": "", "workdir": "runs/x"}  # fmt: skip
+    return {**record, **changes}
+
+
+def test_a_damaged_trial_record_is_no_finished_trial(script, tmp_path, capsys):
+    """A torn, incomplete, mistyped or foreign trial.json: a warning, and the trial is not
+    finished (it runs again); never a crash."""
+    trial = tmp_path / "trial.json"
+    good = _complete_record()
+    trial.write_text(json.dumps(good))
+    assert script.recorded(str(tmp_path)) == good
+    assert script.finished(good, 3)
+    text = json.dumps(good, indent=1)
+    damaged = {
+        "torn": text[: len(text) // 2],
+        "empty": "",
+        "not utf-8": "\udcff",
+        "a list": "[1, 2]",
+        "incomplete": json.dumps({k: v for k, v in good.items() if k != "budget_epochs"}),
+        "a string number": json.dumps({**good, "budget_epochs": "3"}),
+        "a bool": json.dumps({**good, "batch": True}),
+        "unknown status": json.dumps({**good, "status": "running"}),
+        "a hit without its step": json.dumps({**good, "status": "reached"}),
+        "another batch": json.dumps({**good, "batch": 128}),
+        "another lr": json.dumps({**good, "lr": 0.6}),
+    }
+    capsys.readouterr()
+    for what, content in damaged.items():
+        if what == "not utf-8":
+            trial.write_bytes(b"\xff\xfe{")
+        else:
+            trial.write_text(content)
+        expected = {"batch": 64, "lr": 0.3} if what.startswith("another") else {}
+        assert script.recorded(str(tmp_path), **expected) is None, what
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"warning: {trial} is ") and "\n" not in err, (what, err)
+        assert err.endswith(": running the trial again"), (what, err)
+        assert not script.finished(None, 1)
+    trial.write_text(json.dumps(good))
+    lr = 0.1 * 3  # 0.30000000000000004: the same lr as far as a record is concerned
+    assert script.recorded(str(tmp_path), platform="cpu", batch=64, lr=lr) == good
+    assert script.recorded(str(tmp_path / "absent")) is None
+    assert capsys.readouterr().err == ""  # no record yet is no warning
+
+
+def _toy_dataset(n_train=96, n_test=32, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(10, d)).astype(np.float32) * 2
+    y = rng.integers(0, 10, n_train + n_test).astype(np.int32)
+    x = (centers[y] + rng.normal(size=(n_train + n_test, d))).astype(np.float32)
+    return bpjax.Dataset("mnist", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 10)
+
+
+def test_a_torn_trial_record_reruns_that_trial_to_the_same_outcome(script, tmp_path, capsys,
+                                                                     monkeypatch):  # fmt: skip
+    """The trial resumes its finished workdir: the same outcome, a complete trial.json again."""
+    small = script.trial_config  # the study's trials with a small hidden layer: a fast test
+    monkeypatch.setattr(script, "trial_config",
+                        lambda *a, **k: dataclasses.replace(small(*a, **k), hidden=(16,)))
+    s = script.StudySettings(batches=(16,), lrs_per_batch=1, train_examples=64, max_epochs=1,
+                             evals_per_epoch=2, target_accuracy=0.99, platforms=("cpu",),
+                             runs_dir=str(tmp_path / "runs"))  # fmt: skip
+    grid, data = script.study_grid(s)[0], _toy_dataset()
+
+    def run():
+        (record,) = script.batch_trials(s, "cpu", grid, data, script.Progress(1))
+        return record, capsys.readouterr()
+
+    first, _ = run()
+    trial = pathlib.Path(first["workdir"]) / "trial.json"
+    text = trial.read_text()
+    trial.write_text(text[: len(text) // 3])  # a crash mid-write
+    again, out = run()
+    assert "finished before" not in out.out and "running the trial again" in out.err
+    same = ("status", "target_step", "final_step", "final_epoch", "best_test_accuracy")
+    assert {k: again[k] for k in same} == {k: first[k] for k in same}
+    assert json.loads(trial.read_text()) == again  # complete again
+    _, out = run()
+    assert "(finished before)" in out.out and out.err == ""
 
 
 # ------------------------------------------------------------------ end to end

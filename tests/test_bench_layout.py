@@ -50,7 +50,7 @@ def bench_imports(source: str, module: str = "bpjax.x") -> list[str]:
     ],
 )
 def test_checker_finds_a_planted_import(source):
-    assert bench_imports(source, module="bpjax.train"), source
+    assert bench_imports(source, module="bpjax.training"), source
 
 
 def test_checker_ignores_lookalikes():
@@ -60,7 +60,7 @@ def test_checker_ignores_lookalikes():
 
 def test_no_library_module_imports_the_bench_wing():
     modules = sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] != "bench")
-    assert len(modules) > 10 and PACKAGE / "train.py" in modules
+    assert len(modules) > 10 and PACKAGE / "training.py" in modules
     offenders = {}
     for path in modules:
         dotted = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)

@@ -8,6 +8,7 @@ user's first run does; they fail, never skip, when the fetch fails.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import os
@@ -283,7 +284,9 @@ def test_cache_round_trip(tmp_path, fake_mnist):
     path = tmp_path / "deep" / "mnist.npz"
     data._write_cache(path, fake_mnist)
     assert sorted(p.name for p in path.parent.iterdir()) == ["mnist.npz"]
-    assert path.stat().st_mode & 0o777 == 0o644
+    umask = os.umask(0)
+    os.umask(umask)  # the mode a plain open() would give (bpjax.files follows the umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     back = data._load_cache("mnist", path)
     assert back is not None
     for key, array in fake_mnist.items():
@@ -372,6 +375,49 @@ def test_unwritable_cache_warns_and_still_returns(tmp_path, fake_mnist, monkeypa
     with pytest.warns(UserWarning, match="could not write the cache"):
         ds = load_dataset("mnist", cache_dir=blocker / "sub", progress=False)
     assert ds.x_train.shape == (7, 784)
+
+
+def test_a_directory_in_the_caches_place_is_left_and_the_data_fetched(tmp_path, fake_mnist,
+                                                                       monkeypatch):  # fmt: skip
+    """A directory is never deleted (it may hold anything): one warning names it, the data
+    comes from a source, and no second warning about writing the cache follows."""
+    path = tmp_path / "mnist.npz"
+    path.mkdir()
+    (path / "keep.txt").write_text("someone's file")
+    calls: list[str] = []
+    monkeypatch.setattr(sources, "_sources",
+                        lambda name: [("src", _returning_source(fake_mnist, calls))])  # fmt: skip
+    with pytest.warns(UserWarning) as caught:
+        ds = load_dataset("mnist", cache_dir=tmp_path, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert messages == [f"bpjax: cache {path} is a directory, not a file: remove or rename it; "
+                        "fetching mnist without caching it"], messages  # fmt: skip
+    assert calls == ["called"] and ds.x_train.shape == (7, 784)
+    assert (path / "keep.txt").read_text() == "someone's file"
+
+
+def test_a_corrupt_cache_that_cannot_be_deleted_is_named_and_the_data_fetched(
+    tmp_path, fake_mnist, monkeypatch
+):
+    """A corrupt cache on a read-only disk: deleting it fails (EROFS). Tests run as root,
+    whom chmod does not stop, so the read-only disk is a monkeypatched ``unlink``."""
+    path = tmp_path / "mnist.npz"
+    path.write_bytes(b"not a zip file at all" * 10)
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    monkeypatch.setattr(sources, "_sources", lambda name: [("src", _returning_source(fake_mnist))])
+    with pytest.warns(UserWarning) as caught:
+        ds = load_dataset("mnist", cache_dir=tmp_path, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "\n" not in messages[0], messages
+    assert messages[0].startswith(f"bpjax: cache {path} is unusable ("), messages
+    assert messages[0].endswith("could not be deleted (Read-only file system): delete it by "
+                                "hand; fetching mnist without caching it"), messages  # fmt: skip
+    np.testing.assert_array_equal(ds.y_test, fake_mnist["y_test"])
+    assert path.read_bytes() == b"not a zip file at all" * 10  # left as it was
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -557,46 +603,47 @@ def _check_real(ds: Dataset, train_counts: list[int], test_counts: list[int]) ->
     assert sum(train_counts) == 60000 and sum(test_counts) == 10000
 
 
-def _first_then_cached(name: str, cache: pathlib.Path) -> tuple[Dataset, float, list[float]]:
-    """Loads into an empty cache, then from the cache: (dataset, fetch s, cached-load times)."""
+def _first_then_cached(name: str, cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Dataset:
+    """Loads into an empty cache, then again with every source disabled: the second load
+    can only have come from the cache. Times are printed, never asserted (a loaded
+    machine is slow, not wrong)."""
     assert not (cache / f"{name}.npz").exists()
     t0 = time.perf_counter()
     first = load_dataset(name, cache_dir=cache)  # a fetch failure raises: the test fails
     fetch_s = time.perf_counter() - t0
     assert (cache / f"{name}.npz").is_file()
-    # On a shared 2-core machine one load can stall behind other processes; the best of
-    # three measures the cache path itself (each takes ~0.3 s unloaded).
-    cached_s = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+
+    def no_source(name: str):
+        raise AssertionError(f"the cache of {name} should have been read, not a source")
+
+    t0 = time.perf_counter()
+    with monkeypatch.context() as m:
+        m.setattr(sources, "_sources", no_source)
         cached = load_dataset(name, cache_dir=cache, progress=False)
-        cached_s.append(round(time.perf_counter() - t0, 3))
+    cached_s = time.perf_counter() - t0
     np.testing.assert_array_equal(first.x_train, cached.x_train)
     np.testing.assert_array_equal(first.y_test, cached.y_test)
-    print(f"{name}: first fetch {fetch_s:.1f} s, cached loads {cached_s} s", file=sys.stderr)
-    return cached, fetch_s, cached_s
+    print(f"{name}: first fetch {fetch_s:.1f} s, cached load {cached_s:.2f} s", file=sys.stderr)
+    return cached
 
 
 @pytest.mark.slow
-def test_real_mnist_first_run_then_cache(tmp_path, capfd):
-    ds, _, cached_s = _first_then_cached("mnist", tmp_path)
+def test_real_mnist_first_run_then_cache(tmp_path, capfd, monkeypatch):
+    ds = _first_then_cached("mnist", tmp_path, monkeypatch)
     _check_real(ds, MNIST_TRAIN_COUNTS, MNIST_TEST_COUNTS)
     assert ds.y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     err = capfd.readouterr().err
     assert "fetching mnist from" in err and f"cached mnist at {tmp_path}" in err
-    assert min(cached_s) < 1.0, f"cached loads took {cached_s} s"
 
 
 @pytest.mark.slow
 def test_real_fashion_mnist_via_apt_get_download(tmp_path, monkeypatch, capfd):
     # Skip the installed-package source so the apt-get download route runs for real.
     monkeypatch.setattr(sources, "_FASHION_SYSTEM_DIR", tmp_path / "not-installed")
-    ds, fetch_s, cached_s = _first_then_cached("fashion_mnist", tmp_path / "cache")
+    ds = _first_then_cached("fashion_mnist", tmp_path / "cache", monkeypatch)
     _check_real(ds, [6000] * 10, [1000] * 10)
     err = capfd.readouterr().err
     assert "downloaded dataset-fashion-mnist_" in err, err
-    assert fetch_s < 60, f"fashion_mnist first fetch took {fetch_s:.1f} s"
-    assert min(cached_s) < 1.0, f"cached loads took {cached_s} s"
 
 
 def test_apt_without_package_lists_fetches_them_privately(tmp_path, monkeypatch):

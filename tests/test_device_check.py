@@ -41,3 +41,23 @@ def test_an_unknown_stage_is_one_line_before_any_work(tmp_path):
     line = one_error_line(done)
     assert line.startswith("error: --stages='envx': 'envx' is not one of: env, tests,"), line
     assert done.stdout == "" and not out.exists()  # no stage ran, no folder was made
+
+
+@pytest.mark.parametrize("refused", ["no stage", "out_dir a file"])
+def test_no_stage_or_an_out_dir_that_is_a_file_is_one_line_before_any_work(tmp_path, refused):
+    """``--stages=`` would run nothing and report success; a file as --out_dir would crash
+    in makedirs. Both are refused in one line, before any stage runs."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("a regular file")
+    out = a_file if refused == "out_dir a file" else tmp_path / "check"
+    stages = "--stages=env" if refused == "out_dir a file" else "--stages="
+    done = run_script("device_check", "--platform=cpu", stages, f"--out_dir={out}",
+                      timeout=120, check=False)  # fmt: skip
+    line = one_error_line(done)
+    expected = (f"error: --out_dir={a_file}: {a_file} is a file, not a directory: choose a folder"
+                if refused == "out_dir a file" else
+                "error: --stages='': empty is not one of: env, tests, train, bench_grad, "
+                "sweep_f32, sweep_bf16, study")  # fmt: skip
+    assert line == expected
+    assert done.stdout == "" and a_file.read_text() == "a regular file"
+    assert not (tmp_path / "check").exists()

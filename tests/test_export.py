@@ -19,8 +19,9 @@ from bpjax.bench.steps import sgd_state, sgd_step
 from bpjax.config import Config
 from bpjax.evaluation import Evaluator
 from bpjax.methods import METHODS
+from bpjax.network import Net
 from bpjax.parallel import Placement
-from bpjax.train import EpochProgram, init_state, prepare_data
+from bpjax.training import EpochProgram, init_state, prepare_data
 
 PLATFORMS = ("cuda", "tpu")
 SMALL = dict(hidden=(8,), batch=16, dataset="mnist")
@@ -48,7 +49,7 @@ def test_export_training_epoch_of_every_method(method):
     exported(program.jitted, program.args)
 
 
-@pytest.mark.parametrize("rule", ["fa", "dfa", "sign", "kp"])
+@pytest.mark.parametrize("rule", ["fa", "dfa", "sign", "kp", "usf", "brsf", "frsf"])
 def test_export_training_epoch_of_every_feedback_rule(rule):
     _, _, _, program = epoch_program(feedback=rule)
     exported(program.jitted, program.args)
@@ -77,7 +78,7 @@ def test_export_evaluation_and_alignment(rule):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_export_the_sweeps_step(method):
-    step, _ = sgd_step(method, activation="relu", loss="softmax_cross_entropy", lr=0.1)
+    step, _ = sgd_step(Net.mlp((12, 8, 3)), method, lr=0.1)
     rng = np.random.default_rng(0)
     params = [{"W": rng.normal(size=(8, 12)).astype(np.float32), "b": np.zeros(8, np.float32)},
               {"W": rng.normal(size=(3, 8)).astype(np.float32), "b": np.zeros(3, np.float32)}]

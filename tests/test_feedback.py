@@ -8,7 +8,8 @@ pass vacuously.
 The reference for every rule is built from ``jax.grad`` alone, never from the
 hand-written backward: each layer computes z = sg(a) W^T + b + (a G^T - sg(a G^T))
 (sg = ``lax.stop_gradient``). Its value is a W^T + b, but the error reaching a goes
-through G, the rule's matrix (W for bp, B for fa and kp, sign(W) for sign), while
+through G, the rule's matrix (W for bp, B for fa and kp, sign(W) for sign and usf,
+|R| sign(W) for frsf, and for brsf with R drawn from the key's fold_in(key, l)), while
 dW and db come from the first two terms; dfa cuts the chain (G = 0) and adds
 Σ <h^l, sg(e B^{l T})>, whose gradient sends the output error e = dC/dZ^L (itself
 from ``jax.grad``) straight to the hidden activations h^l. The closed forms of the
@@ -29,6 +30,7 @@ import pytest
 
 import bpjax
 from bpjax import feedback as fb_lib
+from bpjax.rules import glorot_state
 
 RTOL64, ATOL64 = 1e-10, 1e-12
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -42,6 +44,11 @@ CASES = [
     ((3, 4, 6, 5, 3), "relu", "squared_error"),
 ]
 M = 6
+KEY = jax.random.key(42)  # brsf's per-step key: its R^l is drawn from fold_in(KEY, l)
+
+
+def net_of(params, activation, loss):
+    return bpjax.Net.mlp(bpjax.layer_sizes(params), activation, loss)
 
 
 # ------------------------------------------------------------------------ helpers
@@ -99,8 +106,13 @@ def reference_update(params, feedback, x, y, activation, loss, rule):
             if l > 0 and rule != "dfa":  # dfa: no error flows down the chain
                 if rule == "bp":
                     G = p["W"]
-                elif rule == "sign":
+                elif rule in ("sign", "usf"):
                     G = jnp.sign(p["W"])
+                elif rule == "frsf":  # |R| sign(W), R fixed
+                    G = jnp.abs(feedback[l - 1]) * jnp.sign(p["W"])
+                elif rule == "brsf":  # |R| sign(W), R drawn from this step's key
+                    R = glorot_state(jax.random.fold_in(KEY, l), p["W"].shape, p["W"].dtype)
+                    G = jnp.abs(R) * jnp.sign(p["W"])
                 else:  # fa, kp: B shaped like this layer's W
                     G = feedback[l - 1]
                 z = z + (a @ sg(G).T - sg(a @ G.T))
@@ -120,14 +132,15 @@ def reference_update(params, feedback, x, y, activation, loss, rule):
 
 def rule_routes(params, feedback, x, y, activation, loss, rule):
     """Every hand-written route to the rule's batch update."""
-    kw = dict(activation=activation, loss=loss, rule=rule, feedback=feedback)
-    single = lambda xm, ym: bpjax.manual_grad(params, xm, ym, **kw)  # noqa: E731
+    net = net_of(params, activation, loss)
+    kw = dict(rule=rule, feedback=feedback, key=KEY)
+    single = lambda xm, ym: bpjax.manual_grad(net, params, xm, ym, **kw)  # noqa: E731
     mean = lambda tree: jax.tree.map(lambda g: jnp.mean(g, axis=0), tree)  # noqa: E731
     return {
-        "manual_grad (section 7)": bpjax.manual_grad(params, x, y, **kw),
+        "manual_grad (section 7)": bpjax.manual_grad(net, params, x, y, **kw),
         "mean of vmapped single-sample manual_grad": mean(jax.vmap(single)(x, y)),
-        "accumulated_grad (section 8)": bpjax.accumulated_grad(params, x, y, **kw),
-        "mean of per_example_grads": mean(bpjax.per_example_grads(params, x, y, **kw)),
+        "accumulated_grad (section 8)": bpjax.accumulated_grad(net, params, x, y, **kw),
+        "mean of per_example_grads": mean(bpjax.per_example_grads(net, params, x, y, **kw)),
     }
 
 
@@ -172,7 +185,7 @@ def test_the_reference_for_bp_is_jax_grad_and_sees_a_planted_error():
     problem = make_problem(sizes, loss, "bp")
 
     def both(activation, loss, params, feedback, x, y):
-        true = jax.grad(bpjax.loss_fn)(params, x, y, activation=activation, loss=loss)
+        true = jax.grad(bpjax.loss_fn, argnums=1)(net_of(params, activation, loss), params, x, y)
         return reference_update(params, feedback, x, y, activation, loss, "bp"), true
 
     [(reference, true)] = in_x64(both, [(activation, loss)], [problem])
@@ -191,7 +204,7 @@ def true_grad(*args):
     if isinstance(args[0], str):  # (activation, loss, rule, params, feedback, x, y)
         args = (*args[3:], *args[:3])
     params, _, x, y, activation, loss, _ = args
-    return jax.grad(bpjax.loss_fn)(params, x, y, activation=activation, loss=loss)
+    return jax.grad(bpjax.loss_fn, argnums=1)(net_of(params, activation, loss), params, x, y)
 
 
 def test_bp_and_fa_kp_with_b_equal_w_and_one_layer_dfa_with_b_equal_w_t_are_jax_grad():
@@ -232,18 +245,19 @@ def test_sign_on_weights_of_plus_minus_c_is_bp_scaled_by_one_over_c_per_step():
 def test_float32_rules_match_float64_and_stay_float32():
     # The same float32-representable inputs in both dtypes; tolerances as test_formulas.py's.
     sizes, activation, loss = (5, 8, 6, 4), "tanh", "softmax_cross_entropy"
+    rules = [r for r in RULES if r != "brsf"]  # brsf draws its R in W's dtype: other values
     problems = []
-    for rule in RULES:
+    for rule in rules:
         problem = make_problem(sizes, loss, rule, batch=16)
         problems.append(jax.tree.map(lambda a: a.astype(np.float32).astype(np.float64), problem))
-    statics = [(activation, loss, rule) for rule in RULES]
+    statics = [(activation, loss, rule) for rule in rules]
     update = lambda a, l, r, params, fb, x, y: bpjax.manual_grad(  # noqa: E731
-        params, x, y, activation=a, loss=l, rule=r, feedback=fb
+        net_of(params, a, l), params, x, y, rule=r, feedback=fb, key=KEY
     )
     expected = in_x64(update, statics, problems)
     with jax.default_matmul_precision("highest"):
         got = packed_jit(update, statics, jax.tree.map(lambda a: np.float32(a), problems))
-    for rule, g, e in zip(RULES, got, expected, strict=True):
+    for rule, g, e in zip(rules, got, expected, strict=True):
         assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(g)), rule
         chex.assert_trees_all_close(jax.tree.map(np.float64, g), e, rtol=1e-4, atol=1e-5)
 
@@ -263,7 +277,7 @@ def test_kolen_pollack_shrinks_w_minus_b_by_one_minus_lr_decay_per_sgd_step():
         gaps = []
         for _ in range(steps):
             grads = bpjax.manual_grad(
-                params, x, y, activation=activation, loss=loss, rule="kp", feedback=feedback
+                net_of(params, activation, loss), params, x, y, rule="kp", feedback=feedback
             )
             param_grads, fb_grads = bpjax.kp_feedback_grads(grads, params, feedback, decay)
             if not use_helper:  # negative control: B learns without its decay
@@ -301,9 +315,9 @@ def test_kp_feedback_grads_pairs_b_l_with_w_l_and_spares_the_biases():
 
 def per_example_update_angles(params, feedback, x, y, activation, loss, rule):
     """Angles of explicit per-example dW^l_m (vmapped single sample), rule against bp."""
-    kw = dict(activation=activation, loss=loss)
+    net = net_of(params, activation, loss)
     one = lambda r, f: jax.vmap(  # noqa: E731
-        lambda xm, ym: bpjax.manual_grad(params, xm, ym, rule=r, feedback=f, **kw)
+        lambda xm, ym: bpjax.manual_grad(net, params, xm, ym, rule=r, feedback=f, key=KEY)
     )(x, y)
     rule_M, bp_M = one(rule, feedback), one("bp", [])
     flat = lambda g: g["W"].reshape(g["W"].shape[0], -1)  # noqa: E731
@@ -311,15 +325,14 @@ def per_example_update_angles(params, feedback, x, y, activation, loss, rule):
 
 
 def alignment_and_checks(activation, loss, rule, params, feedback, x, y):
-    kw = dict(activation=activation, loss=loss, rule=rule)
+    net = net_of(params, activation, loss)
+    kw = dict(rule=rule, key=KEY)
     scaled = [3.7 * B for B in feedback]
-    update = bpjax.manual_grad(
-        params, x, y, activation=activation, loss=loss, rule=rule, feedback=feedback
-    )
-    true = jax.grad(bpjax.loss_fn)(params, x, y, activation=activation, loss=loss)
+    update = bpjax.manual_grad(net, params, x, y, rule=rule, feedback=feedback, key=KEY)
+    true = jax.grad(bpjax.loss_fn, argnums=1)(net, params, x, y)
     return {
-        "report": bpjax.alignment(params, feedback, x, y, **kw),
-        "scaled": bpjax.alignment(params, scaled, x, y, **kw),
+        "report": bpjax.alignment(net, params, feedback, x, y, **kw),
+        "scaled": bpjax.alignment(net, params, scaled, x, y, **kw),
         "per_example": per_example_update_angles(params, feedback, x, y, activation, loss, rule),
         "update_vs_grad": [
             fb_lib.angle_deg(u["W"].ravel(), t["W"].ravel())
@@ -346,7 +359,7 @@ def test_alignment_reports_every_hidden_layer_and_only_the_b_that_carry_a_signal
     for (sizes, _, _, rule), _, r in alignments:
         report = r["report"]
         keys = {"alignment_deg", "delta_deg_mean", "delta_deg_std"}
-        assert set(report) == keys | ({"weight_deg"} if rule in ("fa", "kp") else set()), rule
+        assert set(report) == keys | ({"weight_deg"} if rule != "dfa" else set()), rule
         for value in report.values():
             assert value.shape == (len(sizes) - 2,) and value.dtype == np.float64
             assert np.all(np.isfinite(value)) and np.all((value >= 0) & (value <= 180))
@@ -384,20 +397,31 @@ def test_per_example_update_angles_equal_the_error_signal_angles(alignments):
 
 def test_angles_do_not_change_when_b_is_scaled(alignments):
     for case, _, r in alignments:
-        if case[3] in ("fa", "kp", "dfa"):
+        if case[3] in ("fa", "kp", "dfa", "frsf"):
             assert_trees_close(r["scaled"], r["report"], rtol=1e-9, atol=1e-9)
 
 
-def test_weight_angle_is_between_w_l_plus_1_and_its_b(alignments):
+def test_weight_angle_is_between_w_l_plus_1_and_the_matrix_7_2_uses(alignments):
+    deg = lambda W, B: np.degrees(  # noqa: E731
+        np.arccos(np.clip(np.vdot(W, B) / np.linalg.norm(W) / np.linalg.norm(B), -1, 1))
+    )
     for (_, _, _, rule), (params, feedback, _, _), r in alignments:
-        if rule in ("fa", "kp"):
-            expected = [
-                np.degrees(
-                    np.arccos(np.vdot(p["W"], B) / np.linalg.norm(p["W"]) / np.linalg.norm(B))
-                )
-                for p, B in zip(params[1:], feedback, strict=True)
-            ]
-            np.testing.assert_allclose(r["report"]["weight_deg"], expected, rtol=1e-9)
+        Ws = [p["W"] for p in params[1:]]
+        with jax.enable_x64(True):  # brsf: R drawn from the key alignment was given
+            R = {"frsf": feedback, "brsf": [
+                np.asarray(glorot_state(jax.random.fold_in(KEY, l), W.shape, jnp.float64))
+                for l, W in enumerate(Ws, start=1)]}.get(rule)  # fmt: skip
+        used = {  # the matrix (7.2) really multiplies, not the raw state
+            "fa": feedback, "kp": feedback, "bp": Ws,
+            "sign": [np.sign(W) for W in Ws], "usf": [np.sign(W) for W in Ws],
+        }.get(rule) or (R and [np.abs(r) * np.sign(W) for r, W in zip(R, Ws, strict=True)])
+        if rule == "dfa":
+            assert "weight_deg" not in r["report"]  # dfa's B^l is no stand-in for a W
+            continue
+        expected = [deg(W, B) for W, B in zip(Ws, used, strict=True)]
+        np.testing.assert_allclose(r["report"]["weight_deg"], expected, rtol=1e-9, atol=1e-5)
+        if rule in ("sign", "usf", "frsf"):  # negative control: not the raw W or state
+            assert np.all(np.array(expected) > 1.0)
 
 
 def test_angle_is_clipped_and_defined_for_zero_vectors():
@@ -431,7 +455,8 @@ def test_alignment_with_zero_output_error_is_zero_degrees_not_nan():
     # A zero output layer and zero targets: every error vector is zero, rule and bp alike.
     params, feedback, x, y = make_problem((3, 5, 4, 2), "squared_error", "fa")
     params[-1] = jax.tree.map(np.zeros_like, params[-1])
-    report = jax.jit(functools.partial(bpjax.alignment, loss="squared_error", rule="fa"))(
+    net = bpjax.Net.mlp((3, 5, 4, 2), loss="squared_error")
+    report = jax.jit(functools.partial(bpjax.alignment, net, rule="fa"))(
         params, feedback, x, np.zeros_like(y)
     )
     for key in ("alignment_deg", "delta_deg_mean", "delta_deg_std"):
@@ -445,9 +470,8 @@ def test_alignment_with_zero_output_error_is_zero_degrees_not_nan():
 def test_init_feedback_shapes_scale_and_independence(rule):
     sizes, key = (7, 5, 4, 3), jax.random.key(0)
     fb = bpjax.init_feedback(key, sizes, rule, jnp.float32)
-    expected = {"fa": [(4, 5), (3, 4)], "kp": [(4, 5), (3, 4)], "dfa": [(5, 3), (4, 3)]}.get(
-        rule, []
-    )
+    expected = {"fa": [(4, 5), (3, 4)], "kp": [(4, 5), (3, 4)], "frsf": [(4, 5), (3, 4)],
+                "dfa": [(5, 3), (4, 3)]}.get(rule, [])  # fmt: skip
     assert [B.shape for B in fb] == expected
     assert all(B.dtype == jnp.float32 for B in fb)
     params = bpjax.init_params(key, sizes)
@@ -460,7 +484,7 @@ def test_init_feedback_shapes_scale_and_independence(rule):
 
 def test_wrong_rule_or_feedback_raise_one_line_value_errors():
     params, feedback, x, y = make_problem((3, 4, 5, 2), "squared_error", "fa")
-    kw = dict(activation="relu", loss="squared_error")
+    net = bpjax.Net.mlp((3, 4, 5, 2), "relu", "squared_error")
     bad = {
         "unknown rule": (dict(rule="hebb", feedback=None), "unknown feedback rule 'hebb'"),
         "fa without feedback": (dict(rule="fa", feedback=None), r"got None"),
@@ -473,10 +497,10 @@ def test_wrong_rule_or_feedback_raise_one_line_value_errors():
         "bp with B": (dict(rule="bp", feedback=feedback), "no matrices"),
     }
     fns = {
-        "manual_grad": lambda **k: bpjax.manual_grad(params, x, y, **kw, **k),
-        "manual_grad one sample": lambda **k: bpjax.manual_grad(params, x[0], y[0], **kw, **k),
-        "accumulated_grad": lambda **k: bpjax.accumulated_grad(params, x, y, **kw, **k),
-        "alignment": lambda **k: bpjax.alignment(params, k["feedback"], x, y, **kw, rule=k["rule"]),
+        "manual_grad": lambda **k: bpjax.manual_grad(net, params, x, y, **k),
+        "manual_grad one sample": lambda **k: bpjax.manual_grad(net, params, x[0], y[0], **k),
+        "accumulated_grad": lambda **k: bpjax.accumulated_grad(net, params, x, y, **k),
+        "alignment": lambda **k: bpjax.alignment(net, params, k["feedback"], x, y, rule=k["rule"]),
     }
     for fn_name, fn in fns.items():
         for case, (args, match) in bad.items():
@@ -485,7 +509,7 @@ def test_wrong_rule_or_feedback_raise_one_line_value_errors():
             assert "\n" not in str(excinfo.value), (fn_name, case)
             if case != "unknown rule":
                 assert "init_feedback" in str(excinfo.value)
-    with pytest.raises(ValueError, match="choose one of bp, fa, dfa, sign, kp"):
+    with pytest.raises(ValueError, match="choose one of bp, fa, dfa, sign, kp, usf, brsf, frsf"):
         bpjax.init_feedback(jax.random.key(0), (3, 4), "hebb")
     with pytest.raises(ValueError, match="sizes"):
         bpjax.init_feedback(jax.random.key(0), (3, 0, 2), "fa")
@@ -498,7 +522,8 @@ def test_feedback_is_an_argument_not_a_constant_one_trace_for_new_b():
 
     def counted(params, feedback, x, y):
         traces.append(1)
-        return bpjax.manual_grad(params, x, y, rule="fa", feedback=feedback)
+        return bpjax.manual_grad(bpjax.Net.mlp((3, 4, 5, 2)), params, x, y, rule="fa",
+                                 feedback=feedback)  # fmt: skip
 
     jitted = jax.jit(counted)
     params, fb1, x, y = make_problem((3, 4, 5, 2), "softmax_cross_entropy", "fa", seed=1)
@@ -516,7 +541,8 @@ def test_optax_consumes_a_rule_update_unchanged():
     params, feedback, x, y = jax.tree.map(
         lambda a: np.asarray(a, np.float32), (params, feedback, x, y)
     )
-    grads = bpjax.manual_grad(params, x, y, rule="dfa", feedback=feedback)
+    grads = bpjax.manual_grad(bpjax.Net.mlp((3, 4, 5, 2)), params, x, y, rule="dfa",
+                              feedback=feedback)  # fmt: skip
     opt = optax.sgd(0.1)
     updates, _ = opt.update(grads, opt.init(params), params)
     chex.assert_trees_all_equal_shapes_and_dtypes(optax.apply_updates(params, updates), params)

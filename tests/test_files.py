@@ -14,7 +14,9 @@ def test_writes_text_and_bytes_creating_the_directory(tmp_path):
     write_atomic(str(tmp_path / "new" / "b.png"), b"\x89PNG")
     assert (tmp_path / "new" / "a.json").read_text() == '{"x": 1}\n'
     assert (tmp_path / "new" / "b.png").read_bytes() == b"\x89PNG"
-    assert stat.S_IMODE(os.stat(tmp_path / "new" / "a.json").st_mode) == 0o644
+    umask = os.umask(0)
+    os.umask(umask)  # read it back: the mode a plain open() would give
+    assert stat.S_IMODE(os.stat(tmp_path / "new" / "a.json").st_mode) == 0o666 & ~umask
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

@@ -35,7 +35,6 @@ products only. float64 products are unaffected.
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import chex
@@ -57,6 +56,16 @@ COMBOS = [(activation, loss) for activation in ACTIVATIONS for loss in LOSSES]
 # of order one, so 1e-10 leaves five orders of margin and still sees a 1e-8
 # slip. atol only admits exact zeros (dead ReLU units, width-1 layers).
 RTOL64, ATOL64 = 1e-10, 1e-12
+
+
+def on_net(fn, activation="relu", loss="softmax_cross_entropy"):
+    """``fn(net, params, x, y, ...)`` as ``f(params, x, y, ...)``: the MLP read off the params."""
+
+    def bound(params, *args, **kwargs):
+        net = bpjax.Net.mlp(bpjax.layer_sizes(params), activation, loss)
+        return fn(net, params, *args, **kwargs)
+
+    return bound
 
 # float32 (eps = 1.2e-7) against float64 on the *same* (float32-representable)
 # inputs measures arithmetic error only. Each gradient entry is a sum over M = 16
@@ -167,11 +176,11 @@ def plant_error(grads, layer, leaf, factor=1.01):
 def all_routes(params, x, y, activation, loss):
     """The reference ``jax.grad(loss_fn)`` and the three hand-written batch routes."""
     kw = dict(activation=activation, loss=loss)
-    single = functools.partial(bpjax.manual_grad, **kw)
-    reference = jax.grad(functools.partial(bpjax.loss_fn, **kw))(params, x, y)
+    single = on_net(bpjax.manual_grad, **kw)
+    reference = jax.grad(on_net(bpjax.loss_fn, **kw))(params, x, y)
     routes = {
-        "manual_grad (section 7)": bpjax.manual_grad(params, x, y, **kw),
-        "accumulated_grad (section 8)": bpjax.accumulated_grad(params, x, y, **kw),
+        "manual_grad (section 7)": on_net(bpjax.manual_grad, **kw)(params, x, y),
+        "accumulated_grad (section 8)": on_net(bpjax.accumulated_grad, **kw)(params, x, y),
         "mean of vmapped single-sample manual_grad": batch_mean(
             jax.vmap(single, in_axes=(None, 0, 0))(params, x, y)
         ),
@@ -276,7 +285,7 @@ def test_float32_matches_float64_reference():
     problems = [make_problem(sizes, batch, loss) for _, loss in FLOAT32_COMBOS]
 
     def reference(activation, loss, params, x, y):
-        return jax.grad(bpjax.loss_fn)(params, x, y, activation=activation, loss=loss)
+        return jax.grad(on_net(bpjax.loss_fn, activation, loss))(params, x, y)
 
     with jax.enable_x64(True):
         references = packed_jit(reference, FLOAT32_COMBOS, to_jax(problems, jnp.float64))
@@ -303,7 +312,7 @@ def test_jit_matches_eager():
     # an eager lax.scan is compiled whole anyway.)
     kw = dict(activation="relu", loss="softmax_cross_entropy")
     problem = make_problem(SIZES[2], 5, kw["loss"])
-    manual = functools.partial(bpjax.manual_grad, **kw)
+    manual = on_net(bpjax.manual_grad, **kw)
     with jax.enable_x64(True):
         args = to_jax(problem, jnp.float64)
         # The same float64 arithmetic, possibly fused or reordered by XLA.
@@ -321,11 +330,11 @@ def test_per_example_grads_match_vmapped_autodiff():
 
     def per_example(activation, loss, params, x, y):
         kw = dict(activation=activation, loss=loss)
-        manual = jax.vmap(functools.partial(bpjax.manual_grad, **kw), in_axes=(None, 0, 0))
-        autodiff = jax.vmap(jax.grad(functools.partial(bpjax.loss_fn, **kw)), in_axes=(None, 0, 0))
+        manual = jax.vmap(on_net(bpjax.manual_grad, **kw), in_axes=(None, 0, 0))
+        autodiff = jax.vmap(jax.grad(on_net(bpjax.loss_fn, **kw)), in_axes=(None, 0, 0))
         return (
             manual(params, x, y),
-            bpjax.per_example_grads(params, x, y, **kw),
+            on_net(bpjax.per_example_grads, **kw)(params, x, y),
             autodiff(params, x, y),
         )
 
@@ -351,7 +360,7 @@ def test_loss_fn_passes_check_grads():
     kw = dict(activation="tanh", loss="softmax_cross_entropy")
     with jax.enable_x64(True):
         params, x, y = to_jax(make_problem(SIZES[2], 5, kw["loss"]), jnp.float64)
-        f = jax.jit(lambda p: bpjax.loss_fn(p, x, y, **kw))
+        f = jax.jit(lambda p: on_net(bpjax.loss_fn, **kw)(p, x, y))
         check_grads(f, (params,), order=2, modes=["rev"])
 
 
@@ -395,8 +404,8 @@ def assert_directional_derivatives_match(grads, directions, fd):
 
 def manual_grad_and_finite_differences(activation, loss, params, x, y, directions):
     kw = dict(activation=activation, loss=loss)
-    loss_of_params = lambda p: bpjax.loss_fn(p, x, y, **kw)  # noqa: E731
-    return bpjax.manual_grad(params, x, y, **kw), finite_differences(
+    loss_of_params = lambda p: on_net(bpjax.loss_fn, **kw)(p, x, y)  # noqa: E731
+    return on_net(bpjax.manual_grad, **kw)(params, x, y), finite_differences(
         loss_of_params, params, directions
     )
 
@@ -447,12 +456,13 @@ def test_every_gradient_leaf_has_its_parameters_shape_and_dtype(dtype, x64):
         y = jax.ShapeDtypeStruct((M, sizes[-1]), dtype)
         x1 = jax.ShapeDtypeStruct((sizes[0],), dtype)
         y1 = jax.ShapeDtypeStruct((sizes[-1],), dtype)
-        shape_of = lambda fn, *args: jax.eval_shape(functools.partial(fn, **kw), *args)  # noqa: E731
+        shape_of = lambda fn, *args: jax.eval_shape(on_net(fn, **kw), *args)  # noqa: E731
+        grad_of_loss = jax.grad(on_net(bpjax.loss_fn, **kw))
         routes = {
             "manual_grad, batch": shape_of(bpjax.manual_grad, params, x, y),
             "manual_grad, one sample": shape_of(bpjax.manual_grad, params, x1, y1),
             "accumulated_grad": shape_of(bpjax.accumulated_grad, params, x, y),
-            "jax.grad(loss_fn)": shape_of(jax.grad(bpjax.loss_fn), params, x, y),
+            "jax.grad(loss_fn)": jax.eval_shape(grad_of_loss, params, x, y),
         }
         for name, grads in routes.items():
             chex.assert_trees_all_equal_structs(grads, params)
@@ -474,15 +484,16 @@ def sample_independence():
     M = len(PERM)
 
     def grads(activation, loss, params, x, y):
-        kw = dict(activation=activation, loss=loss)
+        per_example = on_net(bpjax.per_example_grads, activation, loss)
+        manual = on_net(bpjax.manual_grad, activation, loss)
         return {
-            "per_example": bpjax.per_example_grads(params, x[:M], y[:M], **kw),
-            "per_example_permuted": bpjax.per_example_grads(params, x[PERM], y[PERM], **kw),
-            "per_example_appended": bpjax.per_example_grads(params, x, y, **kw),
-            "batch": bpjax.manual_grad(params, x[:M], y[:M], **kw),
-            "batch_permuted": bpjax.manual_grad(params, x[PERM], y[PERM], **kw),
-            "batch_appended": bpjax.manual_grad(params, x, y, **kw),
-            "appended_sample": bpjax.manual_grad(params, x[M], y[M], **kw),
+            "per_example": per_example(params, x[:M], y[:M]),
+            "per_example_permuted": per_example(params, x[PERM], y[PERM]),
+            "per_example_appended": per_example(params, x, y),
+            "batch": manual(params, x[:M], y[:M]),
+            "batch_permuted": manual(params, x[PERM], y[PERM]),
+            "batch_appended": manual(params, x, y),
+            "appended_sample": manual(params, x[M], y[M]),
         }
 
     problems = [make_problem(SIZES[4], M + 1, loss) for _, loss in PROPERTY_CASES]
@@ -523,12 +534,13 @@ def test_appending_a_sample_leaves_the_others_unchanged(sample_independence):
 
 def test_single_sample_path_equals_batch_of_one():
     def single_and_batch_of_one(activation, loss, params, x, y):
-        kw = dict(activation=activation, loss=loss)
+        manual, loss_fn = on_net(bpjax.manual_grad, activation, loss), on_net(
+            bpjax.loss_fn, activation, loss)  # fmt: skip
         return (
-            bpjax.manual_grad(params, x[0], y[0], **kw),  # first document, δ recursion
-            bpjax.manual_grad(params, x, y, **kw),  # second document, section 7, M = 1
-            bpjax.loss_fn(params, x[0], y[0], **kw),
-            bpjax.loss_fn(params, x, y, **kw),
+            manual(params, x[0], y[0]),  # first document, δ recursion
+            manual(params, x, y),  # second document, section 7, M = 1
+            loss_fn(params, x[0], y[0]),
+            loss_fn(params, x, y),
         )
 
     problems = [make_problem(SIZES[3], 1, loss) for _, loss in COMBOS]
@@ -552,7 +564,7 @@ def test_planted_one_percent_error_fails_every_check():
     directions = random_directions(params)
 
     def everything(activation, loss, params, x, y, directions):
-        reference = jax.grad(bpjax.loss_fn)(params, x, y, activation=activation, loss=loss)
+        reference = jax.grad(on_net(bpjax.loss_fn, activation, loss))(params, x, y)
         return reference, *manual_grad_and_finite_differences(
             activation, loss, params, x, y, directions
         )
@@ -589,7 +601,7 @@ def test_unknown_activation_or_loss_raises_value_error_naming_the_choices():
             (dict(loss="hinge"), LOSSES),
         ):
             with pytest.raises(ValueError) as excinfo:
-                fn(params, x, y, **bad)
+                on_net(fn, **bad)(params, x, y)
             message = str(excinfo.value)
             assert repr(next(iter(bad.values()))) in message, (fn.__name__, message)
             for name in valid:
@@ -614,7 +626,7 @@ def test_wrong_shapes_raise_value_error():
             if fn is bpjax.accumulated_grad and bad_x.ndim < 2:
                 continue  # accumulation is defined for batches only
             with pytest.raises(ValueError, match=r"must be"):
-                fn(params, bad_x, bad_y, **kw)
+                on_net(fn, **kw)(params, bad_x, bad_y)
                 pytest.fail(f"{fn.__name__}: {case} was accepted")
 
 
@@ -633,7 +645,7 @@ def test_jitted_manual_grad_traces_once_per_input_shape():
     def counted(params, x, y, *, activation, loss):
         nonlocal traces
         traces += 1
-        return bpjax.manual_grad(params, x, y, activation=activation, loss=loss)
+        return on_net(bpjax.manual_grad, activation, loss)(params, x, y)
 
     jitted = jax.jit(counted, static_argnames=("activation", "loss"))
     kw = dict(activation="relu", loss="softmax_cross_entropy")
@@ -653,12 +665,10 @@ def test_jitted_manual_grad_traces_once_per_input_shape():
 
 def test_jitted_manual_grad_assert_max_traces():
     chex.clear_trace_counter()
-    jitted = jax.jit(
-        chex.assert_max_traces(bpjax.manual_grad, n=1), static_argnames=("activation", "loss")
-    )
-    kw = dict(activation="sigmoid", loss="squared_error")
+    jitted = jax.jit(chex.assert_max_traces(bpjax.manual_grad, n=1), static_argnums=0)
+    net = bpjax.Net.mlp(SIZES[2], "sigmoid", "squared_error")
     for seed in range(3):
-        jitted(*to_jax(make_problem(SIZES[2], 4, kw["loss"], seed=seed), jnp.float32), **kw)
+        jitted(net, *to_jax(make_problem(SIZES[2], 4, net.loss, seed=seed), jnp.float32))
     # The counter can fail: a second input shape is a second trace.
     with pytest.raises(AssertionError):
-        jitted(*to_jax(make_problem(SIZES[2], 3, kw["loss"]), jnp.float32), **kw)
+        jitted(net, *to_jax(make_problem(SIZES[2], 3, net.loss), jnp.float32))

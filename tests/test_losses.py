@@ -72,16 +72,16 @@ def test_sigmoid_cross_entropy_is_binary_cross_entropy_and_stable():
 @pytest.mark.parametrize("activation", ("sigmoid", "relu"))
 def test_manual_grad_equals_jax_grad_with_sigmoid_cross_entropy(activation):
     rng = np.random.default_rng(2)
-    kw = dict(activation=activation, loss="sigmoid_cross_entropy")
+    net = bpjax.Net.mlp(SIZES, activation, "sigmoid_cross_entropy")
     with jax.enable_x64(True):
         params = bpjax.init_params(jax.random.key(0), SIZES, jnp.float64)
         params = [dict(p, b=jnp.asarray(rng.normal(0.0, 0.5, p["b"].shape))) for p in params]
         x = jnp.asarray(rng.normal(size=(16, SIZES[0])))
         y = jnp.asarray(_targets(rng, (16, SIZES[-1]), "sigmoid_cross_entropy"))
-        manual = jax.jit(functools.partial(bpjax.manual_grad, **kw))(params, x, y)
-        expected = jax.jit(jax.grad(functools.partial(bpjax.loss_fn, **kw)))(params, x, y)
-        one = jax.jit(functools.partial(bpjax.manual_grad, **kw))(params, x[0], y[0])
-        one_expected = jax.grad(functools.partial(bpjax.loss_fn, **kw))(params, x[0], y[0])
+        manual = jax.jit(functools.partial(bpjax.manual_grad, net))(params, x, y)
+        expected = jax.jit(jax.grad(functools.partial(bpjax.loss_fn, net)))(params, x, y)
+        one = jax.jit(functools.partial(bpjax.manual_grad, net))(params, x[0], y[0])
+        one_expected = jax.grad(functools.partial(bpjax.loss_fn, net))(params, x[0], y[0])
     assert jax.tree.structure(manual) == jax.tree.structure(expected)
     for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(manual),
                             jax.tree.leaves(expected), strict=True):  # fmt: skip

@@ -37,6 +37,11 @@ COMBOS = [("tanh", "softmax_cross_entropy"), ("relu", "squared_error")]
 METHODS = methods.METHODS
 # LLVM optimisation off: ~40% less compile time, same IEEE arithmetic.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+KEY = jax.random.key(5)  # a rule's per-step key (only brsf draws from it)
+
+
+def net_for(activation="relu", loss="softmax_cross_entropy"):
+    return bpjax.Net.mlp(SIZES, activation, loss)
 
 
 def make_problem(loss, seed=0):
@@ -66,12 +71,12 @@ def test_methods_are_the_five_documented():
 
 @pytest.mark.parametrize(("activation", "loss"), COMBOS)
 def test_every_method_under_jit_gives_the_autodiff_gradient_and_predict(activation, loss):
-    kw = dict(activation=activation, loss=loss)
+    net = net_for(activation, loss)
 
     def all_methods(params, x, y):
-        reference = jax.grad(bpjax.loss_fn)(params, x, y, **kw)
-        logits = bpjax.predict(params, x, activation=activation)
-        return reference, logits, {m: methods.grad_fn(m, **kw)(params, x, y) for m in METHODS}
+        reference = jax.grad(bpjax.loss_fn, argnums=1)(net, params, x, y)
+        logits = bpjax.predict(net, params, x)
+        return reference, logits, {m: methods.grad_fn(net, m)(params, x, y) for m in METHODS}
 
     with jax.enable_x64(True):
         params, x, y = jax.tree.map(jnp.asarray, make_problem(loss))
@@ -103,7 +108,7 @@ def float32_problem(loss):
 
 def test_unknown_method_activation_or_loss_raise_value_error_naming_the_choices():
     with pytest.raises(ValueError, match="unknown method 'adjoint'") as excinfo:
-        methods.grad_fn("adjoint")
+        methods.grad_fn(net_for(), "adjoint")
     assert all(m in str(excinfo.value) for m in METHODS), str(excinfo.value)
     problem = float32_problem("squared_error")
     for method in METHODS:
@@ -111,8 +116,8 @@ def test_unknown_method_activation_or_loss_raise_value_error_naming_the_choices(
             (dict(activation="gelu"), bpjax.ACTIVATIONS),
             (dict(loss="hinge"), bpjax.LOSSES),
         ):
-            with pytest.raises(ValueError) as excinfo:
-                jax.eval_shape(methods.grad_fn(method, **bad), *problem)
+            with pytest.raises(ValueError) as excinfo:  # the Net refuses them
+                jax.eval_shape(methods.grad_fn(net_for(**bad), method), *problem)
             message = str(excinfo.value)
             assert all(name in message for name in valid), (method, message)
 
@@ -123,7 +128,7 @@ def test_unknown_method_activation_or_loss_raise_value_error_naming_the_choices(
 )
 def test_wrong_shapes_raise_value_error(method):
     params, _, _ = float32_problem("squared_error")
-    fn = methods.grad_fn(method, activation="relu", loss="squared_error")
+    fn = methods.grad_fn(net_for("relu", "squared_error"), method)
     n0, nL = SIZES[0], SIZES[-1]
     bad_shapes = {
         "y has the wrong width": ((M, n0), (M, 1)),
@@ -152,20 +157,20 @@ def make_feedback(rule, seed=1):
 
 def test_rule_methods_under_jit_give_the_rules_manual_grad_and_predict():
     activation, loss = "tanh", "softmax_cross_entropy"
-    kw = dict(activation=activation, loss=loss)
+    net = net_for(activation, loss)
 
     def all_rules(params, x, y, feedbacks):
         out = {}
         for rule in RULES:
             fb = feedbacks[rule]
-            expected = bpjax.manual_grad(params, x, y, rule=rule, feedback=fb, **kw)
+            expected = bpjax.manual_grad(net, params, x, y, rule=rule, feedback=fb, key=KEY)
             got = {
-                m: methods.grad_fn(m, rule=rule, **kw)(params, x, y, fb)
+                m: methods.grad_fn(net, m, rule=rule)(params, x, y, fb, KEY)
                 for m in methods.RULE_METHODS
             }
             out[rule] = expected, got
-        return out, bpjax.predict(params, x, activation=activation), jax.grad(bpjax.loss_fn)(
-            params, x, y, **kw
+        return out, bpjax.predict(net, params, x), jax.grad(bpjax.loss_fn, argnums=1)(
+            net, params, x, y
         )
 
     with jax.enable_x64(True):
@@ -189,15 +194,15 @@ def test_autodiff_methods_refuse_other_rules_in_one_line():
     for method in ("autodiff", "autodiff_vmap"):
         for rule in RULES:
             with pytest.raises(ValueError) as excinfo:
-                methods.grad_fn(method, rule=rule)
+                methods.grad_fn(net_for(), method, rule=rule)
             message = str(excinfo.value)
             assert message == (
                 f"method {method!r} cannot use rule {rule!r}: jax.grad computes the true "
                 "gradient; rules other than bp need --method=manual, manual_vmap or per_sample"
             )
-        methods.grad_fn(method, rule="bp")  # bp is jax.grad's own rule
+        methods.grad_fn(net_for(), method, rule="bp")  # bp is jax.grad's own rule
     with pytest.raises(ValueError, match="unknown feedback rule 'hebb'"):
-        methods.grad_fn("manual", rule="hebb")
+        methods.grad_fn(net_for(), "manual", rule="hebb")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -205,7 +210,7 @@ def test_missing_or_stray_feedback_raises_value_error(method):
     params, x, y = float32_problem("squared_error")
     if method in methods.RULE_METHODS:
         with pytest.raises(ValueError, match="rule 'fa' needs feedback"):
-            jax.eval_shape(methods.grad_fn(method, rule="fa"), params, x, y)
+            jax.eval_shape(methods.grad_fn(net_for(), method, rule="fa"), params, x, y)
     stray = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(1, 4), (5, 1), (4, 5)]]
     with pytest.raises(ValueError, match="rule 'bp' needs feedback of no matrices"):
-        jax.eval_shape(methods.grad_fn(method), params, x, y, stray)
+        jax.eval_shape(methods.grad_fn(net_for(), method), params, x, y, stray)

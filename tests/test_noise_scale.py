@@ -26,7 +26,7 @@ from bpjax import noise_scale
 from bpjax.feedback import feedback_shapes
 from bpjax.formulas import manual_grad
 from bpjax.methods import METHODS, grad_fn
-from bpjax.network import loss_fn
+from bpjax.network import Net, layer_sizes, loss_fn
 
 # The estimators subtract quantities of order one: (G) loses a few digits when the noise
 # dominates, so 1e-8 relative leaves ~1e5 of float64's 1e-16 for that cancellation.
@@ -77,8 +77,13 @@ def _assert_estimates(got, expected, msg=""):
         np.testing.assert_allclose(got[k], expected[k], rtol=RTOL, atol=ATOL, err_msg=f"{msg} {k}")
 
 
+def net_of(params, activation="relu", loss="softmax_cross_entropy"):
+    """The MLP whose params these are (its widths read off the weights' shapes)."""
+    return Net.mlp(layer_sizes(params), activation, loss)
+
+
 def _per_example_grads(params, x, y, activation, loss):
-    one = functools.partial(loss_fn, activation=activation, loss=loss)
+    one = functools.partial(loss_fn, net_of(params, activation, loss))
     return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)
 
 
@@ -94,9 +99,9 @@ CASES = [  # sizes, activation, loss, M: depths 1-4, widths of 1, M from 2 to 64
 
 def test_estimates_equal_brute_force_from_per_example_gradients():
     def case(activation, loss, params, x, y):
-        kw = dict(activation=activation, loss=loss)
-        return bpjax.gradient_noise_scale(params, x, y, **kw), _per_example_grads(
-            params, x, y, **kw
+        net = net_of(params, activation, loss)
+        return bpjax.gradient_noise_scale(net, params, x, y), _per_example_grads(
+            params, x, y, activation, loss
         )
 
     with jax.enable_x64(True):
@@ -120,13 +125,12 @@ def test_every_method_gives_the_gradient_and_the_same_stats_in_one_pass(loss):
     # noise_stats_grad_fn(method): grads and outputs exactly grad_fn(method)'s, and the
     # stats of the standalone gradient_noise_scale, for every method (manual: section 7's
     # own factors; the others: privacy.per_sample_errors beside the method's gradient).
-    kw = dict(activation="tanh", loss=loss)
-
     def case(params, x, y):
-        out = {m: (bpjax.noise_stats_grad_fn(m, **kw)(params, x, y),
-                   grad_fn(m, **kw)(params, x, y)) for m in METHODS}  # fmt: skip
+        net = net_of(params, "tanh", loss)
+        out = {m: (bpjax.noise_stats_grad_fn(net, m)(params, x, y),
+                   grad_fn(net, m)(params, x, y)) for m in METHODS}  # fmt: skip
         estimates = {m: bpjax.noise_scale_estimates(out[m][0][2], x.shape[0]) for m in METHODS}
-        return out, estimates, bpjax.gradient_noise_scale(params, x, y, **kw)
+        return out, estimates, bpjax.gradient_noise_scale(net, params, x, y)
 
     with jax.enable_x64(True):
         ((out, estimates, standalone),) = _jit_all(case, [()], [_problem((4, 6, 5, 3), loss, 9)])
@@ -152,10 +156,10 @@ RULE_CASES = [
 def test_rule_noise_scale_equals_brute_force_from_vmapped_rule_updates():
     # Under a rule, g_m is sample m's rule update: the single-sample manual_grad under vmap.
     def case(rule, activation, loss, params, x, y, feedback):
-        kw = dict(activation=activation, loss=loss)
-        one = lambda xm, ym: manual_grad(params, xm, ym, rule=rule, feedback=feedback, **kw)  # noqa: E731
-        gns = functools.partial(bpjax.gradient_noise_scale, params, x, y, **kw)
-        stats = {m: bpjax.noise_stats_grad_fn(m, rule=rule, **kw)(params, x, y, feedback)[2]
+        net = net_of(params, activation, loss)
+        one = lambda xm, ym: manual_grad(net, params, xm, ym, rule=rule, feedback=feedback)  # noqa: E731
+        gns = functools.partial(bpjax.gradient_noise_scale, net, params, x, y)
+        stats = {m: bpjax.noise_stats_grad_fn(net, m, rule=rule)(params, x, y, feedback)[2]
                  for m in ("manual_vmap", "per_sample")}  # fmt: skip
         return gns(rule=rule, feedback=feedback), jax.vmap(one)(x, y), stats, gns()
 
@@ -183,7 +187,7 @@ def test_identical_samples_have_no_noise():
     with jax.enable_x64(True):
         params, x, y = _problem((4, 6, 5, 3), "softmax_cross_entropy", 1)
         x, y = np.repeat(x, 6, axis=0), np.repeat(y, 6, axis=0)
-        fn = jax.jit(functools.partial(bpjax.gradient_noise_scale, activation="tanh"))
+        fn = jax.jit(functools.partial(bpjax.gradient_noise_scale, net_of(params, "tanh")))
         got = jax.tree.map(np.asarray, fn(params, x, y))
     S = got["mean_sq_norm"]
     assert S > 0.1
@@ -204,9 +208,10 @@ def _linear_grads(params, x, y):
 
 
 def test_linear_model_closed_form_and_a_negative_grad_estimate_gives_nan():
-    gns = jax.jit(functools.partial(bpjax.gradient_noise_scale, loss="squared_error"))
     with jax.enable_x64(True):
         params, x, y = _linear(3, 2, 5, seed=0)
+        gns = jax.jit(functools.partial(bpjax.gradient_noise_scale,
+                                        net_of(params, loss="squared_error")))  # fmt: skip
         got = jax.tree.map(np.asarray, gns(params, x, y))
         # g_1 = -g_2: the same input, targets mirrored about the prediction, so G_M = 0 and
         # the |G|² estimate is (0 - S) / 1 < 0: returned as computed, B_simple NaN.
@@ -228,12 +233,11 @@ def test_estimators_are_unbiased_over_every_batch_of_a_finite_population(pop, m)
     # pop**m ordered batches are equally likely, so their average is the exact expectation.
     # The truth: G = the population's mean gradient, tr(Σ) = mean_k |g_k|² - |G|².
     activation, loss = "sigmoid", "softmax_cross_entropy"
-    kw = dict(activation=activation, loss=loss)
-
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def everything(params, x_pop, y_pop, idx):
-        gns = jax.vmap(lambda i: bpjax.gradient_noise_scale(params, x_pop[i], y_pop[i], **kw))
-        return gns(idx), _per_example_grads(params, x_pop, y_pop, **kw)
+        net = net_of(params, activation, loss)
+        gns = jax.vmap(lambda i: bpjax.gradient_noise_scale(net, params, x_pop[i], y_pop[i]))
+        return gns(idx), _per_example_grads(params, x_pop, y_pop, activation, loss)
 
     idx = np.array(list(itertools.product(range(pop), repeat=m)))  # (pop**m, m)
     with jax.enable_x64(True):
@@ -255,9 +259,10 @@ def test_estimators_are_unbiased_over_every_batch_of_a_finite_population(pop, m)
 def test_one_sample_is_refused_in_one_line():
     params, x, y = _problem((3, 4, 2), "squared_error", 1)
     params, x, y = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), (params, x, y))
+    net = net_of(params, loss="squared_error")
     calls = [
-        lambda: bpjax.gradient_noise_scale(params, x, y),
-        lambda: bpjax.noise_stats_grad_fn("autodiff")(params, x, y),
+        lambda: bpjax.gradient_noise_scale(net, params, x, y),
+        lambda: bpjax.noise_stats_grad_fn(net, "autodiff")(params, x, y),
         lambda: bpjax.noise_scale_estimates(bpjax.NoiseStats(1.0, 0.5), 1),
     ]
     for call in calls:
@@ -265,9 +270,9 @@ def test_one_sample_is_refused_in_one_line():
             call()
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"x must be a batch \(M, n_0\)"):
-        bpjax.gradient_noise_scale(params, x[0], y[0])
+        bpjax.gradient_noise_scale(net, params, x[0], y[0])
     with pytest.raises(ValueError, match="cannot use rule"):
-        bpjax.noise_stats_grad_fn("autodiff", rule="fa")
+        bpjax.noise_stats_grad_fn(net, "autodiff", rule="fa")
 
 
 def test_float32_under_jit_compiles_once_per_shape():
@@ -275,7 +280,7 @@ def test_float32_under_jit_compiles_once_per_shape():
 
     def step(params, x, y):
         traces.append(1)
-        return bpjax.noise_stats_grad_fn("manual")(params, x, y)
+        return bpjax.noise_stats_grad_fn(net_of(params), "manual")(params, x, y)
 
     jitted = jax.jit(step)
     params, x, y = _problem((5, 7, 3), "softmax_cross_entropy", 8)

@@ -180,7 +180,7 @@ _IMPORT_PROBE = textwrap.dedent(
 
     environ.__getitem__, environ.__iter__ = getitem, iterate
     import bpjax
-    import bpjax.data, bpjax.privacy, bpjax.bench.sweep, bpjax.bench.timing, bpjax.train
+    import bpjax.data, bpjax.privacy, bpjax.bench.sweep, bpjax.bench.timing, bpjax.training
     environ.__getitem__, environ.__iter__ = real_getitem, real_iter
     result = {
         "new_flags": sorted(set(flags.FLAGS) - before),

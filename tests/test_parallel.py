@@ -22,9 +22,9 @@ from bpjax import parallel
 from bpjax.checkpoint import checkpoint_manager, restore_latest
 from bpjax.config import Config, ConfigError
 from bpjax.methods import METHODS, grad_fn
-from bpjax.network import predict
+from bpjax.network import Net, predict
 from bpjax.parallel import Placement
-from bpjax.train import train
+from bpjax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL, ATOL = 1e-10, 1e-12
@@ -39,6 +39,9 @@ RUNS = {
     "autodiff-shard_map": dict(method="autodiff", num_devices=0, parallel="shard_map"),
     "dp_sgd-sharding": dict(method="manual", num_devices=8, dp_clip=1.0, dp_noise=0.5),
 }
+
+
+NET = Net.mlp((12, 8, 3))  # relu, softmax cross-entropy: the network of batch_inputs
 
 
 def batch_inputs():
@@ -80,11 +83,11 @@ def test_shard_map_grads_equal_one_device_grads(eight):
     with jax.enable_x64(True):
         params, x, y = load_like(out / "inputs.npz", batch_inputs())
         for method in METHODS:
-            expected, _ = jax.jit(grad_fn(method))(params, x, y)
+            expected, _ = jax.jit(grad_fn(NET, method))(params, x, y)
             sharded = load_like(out / f"grads-{method}.npz", expected)
             chex.assert_trees_all_close(sharded, expected, rtol=RTOL, atol=ATOL)
             outputs = np.load(out / f"outputs-{method}.npz")["arr_0"]
-            np.testing.assert_allclose(outputs, predict(params, x), rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(outputs, predict(NET, params, x), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.slow

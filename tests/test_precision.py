@@ -58,6 +58,11 @@ BF16 = "bfloat16"
 # leaf three times over.
 TOL16 = 3e-2
 
+def net_of(params, activation="relu", loss="softmax_cross_entropy"):
+    """The MLP whose params these are (its widths read off the weights' shapes)."""
+    return bpjax.Net.mlp(bpjax.layer_sizes(params), activation, loss)
+
+
 def make_problem(loss, seed=0, sizes=SIZES, m=M):
     """NumPy float32 ``(params, x, y)``: Glorot-uniform W, nonzero b, Gaussian x."""
     rng = np.random.default_rng(seed)
@@ -88,7 +93,7 @@ CASES = [(m, "bp") for m in METHODS] + [
 def all_grads(compute_dtype, kw, params, x, y, feedbacks):
     """``{(method, rule): (grads, outputs)}`` of every case, for one jit."""
     return {
-        (m, r): methods.grad_fn(m, rule=r, compute_dtype=compute_dtype, **kw)(
+        (m, r): methods.grad_fn(net_of(params, **kw), m, rule=r, compute_dtype=compute_dtype)(
             params, x, y, feedbacks[r]
         )
         for m, r in CASES
@@ -136,7 +141,7 @@ def test_bfloat16_gradient_agrees_with_float32_every_method_and_rule(
     with jax.default_matmul_precision("default"):  # bfloat16 as training runs it
         got = run(BF16)(params, x, y, feedbacks)
         # x may arrive in bfloat16 already (a dataset stored so): the same program's answer.
-        got_x16 = jax.jit(methods.grad_fn("manual", compute_dtype=BF16, **kw))(
+        got_x16 = jax.jit(methods.grad_fn(net_of(params, **kw), "manual", compute_dtype=BF16))(
             params, jnp.asarray(x, jnp.bfloat16), y
         )
     for case, (grads, outputs) in got.items():
@@ -163,10 +168,11 @@ def test_section_8_running_sum_is_float32():
     params, x, y = make_problem("softmax_cross_entropy", m=1024)
 
     def both(params, x, y):
-        grad = {m: methods.grad_fn(m, compute_dtype=BF16)(params, x, y)[0]
+        net = net_of(params)
+        grad = {m: methods.grad_fn(net, m, compute_dtype=BF16)(params, x, y)[0]
                 for m in ("manual", "per_sample")}  # fmt: skip
-        dp = {m: privacy.private_grad_fn(m, clip=1.0, compute_dtype=BF16)(params, x, y, None)[0]
-              for m in ("manual", "per_sample")}  # fmt: skip
+        dp = {m: privacy.private_grad_fn(net, m, clip=1.0, compute_dtype=BF16)(
+            params, x, y, None)[0] for m in ("manual", "per_sample")}  # fmt: skip
         return grad, dp
 
     grad, dp = jax.jit(both, compiler_options=FAST_COMPILE)(params, x, y)
@@ -203,8 +209,10 @@ TOL_CONFIDENT = 0.15
 
 def test_output_error_is_float32_confident_logits(monkeypatch, highest_matmul_precision):
     params, x, y = confident_problem()
+    net = net_of(params)
     both = lambda dtype: jax.jit(  # noqa: E731
-        lambda p, x, y: {m: methods.grad_fn(m, compute_dtype=dtype)(p, x, y)[0] for m in METHODS},
+        lambda p, x, y: {m: methods.grad_fn(net, m, compute_dtype=dtype)(p, x, y)[0]
+                         for m in METHODS},
         compiler_options=FAST_COMPILE,
     )
     expected = both(None)(params, x, y)
@@ -257,14 +265,15 @@ def test_program_products_in_bfloat16_softmax_in_float32():
     params, x, y = make_problem("softmax_cross_entropy")
     feedbacks = {"bp": (), "fa": make_feedback("fa"), "dfa": make_feedback("dfa")}
     for method, rule in CASES:
-        fn = methods.grad_fn(method, rule=rule, compute_dtype=BF16)
+        fn = methods.grad_fn(net_of(params), method, rule=rule, compute_dtype=BF16)
         jaxpr = jax.make_jaxpr(fn)(params, x, y, feedbacks[rule]).jaxpr
         assert_mixed_precision_program(jaxpr, f"{method}, {rule}")
-    fn = privacy.private_grad_fn("manual", clip=1.0, noise_multiplier=1.0, compute_dtype=BF16)
+    fn = privacy.private_grad_fn(net_of(params), "manual", clip=1.0, noise_multiplier=1.0,
+                                 compute_dtype=BF16)  # fmt: skip
     jaxpr = jax.make_jaxpr(fn)(params, x, y, jax.random.key(0)).jaxpr
     assert_mixed_precision_program(jaxpr, "private_grad_fn manual")
     # Negative controls: the float32 program, and a loss whose softmax runs in bfloat16.
-    jaxpr32 = jax.make_jaxpr(methods.grad_fn("manual"))(params, x, y).jaxpr
+    jaxpr32 = jax.make_jaxpr(methods.grad_fn(net_of(params), "manual"))(params, x, y).jaxpr
     with pytest.raises(AssertionError, match=r"matrix products take \{'float32'\}"):
         assert_mixed_precision_program(jaxpr32, "float32")
     z16 = jnp.zeros((M, SIZES[-1]), jnp.bfloat16)
@@ -281,7 +290,8 @@ def test_private_grad_bfloat16_agrees_with_float32_norms_in_float32(highest_matm
     params, x, y = make_problem(kw["loss"])
     key = jax.random.key(0)
     # Clip at about the median per-example norm: half the examples are clipped.
-    clip = float(np.median(privacy.per_example_grad_norms(params, x, y, **kw)))
+    net = net_of(params, **kw)
+    clip = float(np.median(privacy.per_example_grad_norms(net, params, x, y)))
     cases = [(m, "bp", 0.0) for m in METHODS] + [("manual", "fa", 0.0), ("manual", "bp", 1.0)]
     feedbacks = {"bp": (), "fa": make_feedback("fa")}
 
@@ -289,8 +299,8 @@ def test_private_grad_bfloat16_agrees_with_float32_norms_in_float32(highest_matm
         def fn(params, x, y, key):
             out = {}
             for method, rule, noise in cases:
-                dp = privacy.private_grad_fn(method, clip=clip, noise_multiplier=noise, rule=rule,
-                                             compute_dtype=dtype, **kw)  # fmt: skip
+                dp = privacy.private_grad_fn(net, method, clip=clip, noise_multiplier=noise,
+                                             rule=rule, compute_dtype=dtype)  # fmt: skip
                 out[(method, rule, noise)] = dp(params, x, y, key, feedbacks[rule])
             return out
 
@@ -300,8 +310,8 @@ def test_private_grad_bfloat16_agrees_with_float32_norms_in_float32(highest_matm
     with jax.default_matmul_precision("default"):
         got = run(BF16)
         cast = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), (params, x))
-        norms16 = jax.jit(lambda p, x: privacy.per_example_grad_norms(p, x, y, **kw))(*cast)
-    norms32 = privacy.per_example_grad_norms(params, x, y, **kw)
+        norms16 = jax.jit(lambda p, x: privacy.per_example_grad_norms(net, p, x, y))(*cast)
+    norms32 = privacy.per_example_grad_norms(net, params, x, y)
     for case, (grads, outputs) in got.items():
         assert_close_to_max(grads, expected[case][0], TOL16, what=f"{case} ")
         assert outputs.dtype == jnp.float32
@@ -319,16 +329,18 @@ def test_compute_dtype_of_the_params_is_the_same_program(dtype):
 
     with jax.enable_x64(dtype == "float64"):
         params, x, y = jax.tree.map(lambda a: jnp.asarray(a, dtype), make_problem("squared_error"))
+        net = net_of(params, loss="squared_error")
         for method in METHODS:
-            plain = lowered(methods.grad_fn(method), params, x, y)
-            assert lowered(methods.grad_fn(method, compute_dtype=dtype), params, x, y) == plain
-            dp = [privacy.private_grad_fn(method, clip=1.0, compute_dtype=c) for c in (dtype, None)]
+            plain = lowered(methods.grad_fn(net, method), params, x, y)
+            assert lowered(methods.grad_fn(net, method, compute_dtype=dtype), params, x, y) == plain
+            dp = [privacy.private_grad_fn(net, method, clip=1.0, compute_dtype=c)
+                  for c in (dtype, None)]  # fmt: skip
             assert lowered(dp[0], params, x, y, None) == lowered(dp[1], params, x, y, None)
         # Negative control: a cast is seen.
-        assert lowered(methods.grad_fn("manual", compute_dtype=BF16), params, x, y) != plain
+        assert lowered(methods.grad_fn(net, "manual", compute_dtype=BF16), params, x, y) != plain
 
 
 def test_unknown_compute_dtype_is_a_one_line_value_error():
     for bad in ("bf16", "int32"):
         with pytest.raises(ValueError, match=f"compute_dtype must be a floating dtype.*'{bad}'"):
-            methods.grad_fn("manual", compute_dtype=bad)
+            methods.grad_fn(bpjax.Net.mlp(SIZES), "manual", compute_dtype=bad)

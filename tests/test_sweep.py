@@ -174,8 +174,9 @@ def test_sgd_step_is_the_training_step_with_sgd():
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((6, sizes[0])), jnp.float32)
     y = jax.nn.one_hot(jnp.asarray(rng.integers(0, sizes[-1], 6)), sizes[-1])
-    expected = jax.tree.map(lambda p, g: p - lr * g, params, bpjax.manual_grad(params, x, y))
-    step, traces = sgd_step("manual", activation="relu", loss="softmax_cross_entropy", lr=lr)
+    net = bpjax.Net.mlp(sizes)
+    expected = jax.tree.map(lambda p, g: p - lr * g, params, bpjax.manual_grad(net, params, x, y))
+    step, traces = sgd_step(net, "manual", lr=lr)
     state, metrics = step(sgd_state(jax.tree.map(jnp.copy, params)), x, y)
     state, _ = step(state, x, y)
     assert traces == [1] and int(state.step) == 2 and set(metrics) == {"loss_sum", "correct"}
@@ -192,9 +193,9 @@ def test_sgd_step_in_bfloat16_is_the_mixed_precision_step():
     x, y = measure._data(config, 6)
     assert {p.dtype for p in jax.tree.leaves(params)} == {np.dtype("float32")}  # master copy
     assert (x.dtype, y.dtype) == (jnp.bfloat16, np.float32)
-    grads, _ = jax.jit(bpjax.grad_fn("manual", compute_dtype="bfloat16"))(params, x, y)
-    step, _ = sgd_step("manual", activation="relu", loss="softmax_cross_entropy", lr=lr,
-                       compute_dtype="bfloat16")  # fmt: skip
+    net = bpjax.Net.mlp(sizes)
+    grads, _ = jax.jit(bpjax.grad_fn(net, "manual", compute_dtype="bfloat16"))(params, x, y)
+    step, _ = sgd_step(net, "manual", lr=lr, compute_dtype="bfloat16")
     state, metrics = step(sgd_state(jax.tree.map(jnp.copy, params)), x, y)
     assert metrics["loss_sum"].dtype == jnp.float32
     for got, p, g in zip(*map(jax.tree.leaves, (state.params, params, grads)), strict=True):
@@ -224,7 +225,7 @@ def test_numpy_baseline_gradient_equals_manual_grad_float64():
         params = bpjax.init_params(jax.random.key(1), sizes, jnp.float64)
         x = rng.standard_normal((m, sizes[0]))
         y = np.eye(sizes[-1])[rng.integers(0, sizes[-1], m)]
-        expected = bpjax.manual_grad(params, jnp.asarray(x), jnp.asarray(y))
+        expected = bpjax.manual_grad(bpjax.Net.mlp(sizes), params, jnp.asarray(x), jnp.asarray(y))
         cols = [(np.asarray(p["W"]), np.asarray(p["b"])[:, None]) for p in params]
         got, probs = numpy_grads(cols, x.T.copy(), y.T.copy())
     assert probs.shape == (sizes[-1], m)
@@ -254,7 +255,8 @@ def test_torch_peer_step_matches_manual_sgd_step():
     y = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], m)]
     step = make_torch_step(params, x, y, lr)
     step()
-    g = bpjax.manual_grad([{k: jnp.asarray(v) for k, v in p.items()} for p in params], x, y)
+    g = bpjax.manual_grad(bpjax.Net.mlp(sizes),
+                          [{k: jnp.asarray(v) for k, v in p.items()} for p in params], x, y)
     for l, (W, b) in enumerate(step.params):
         np.testing.assert_allclose(W.detach().numpy(), params[l]["W"] - lr * np.asarray(g[l]["W"]),
                                    rtol=1e-5, atol=1e-6, err_msg=f"W{l}")  # fmt: skip
@@ -279,7 +281,6 @@ def test_config_validates():
         SweepConfig(max_batch_per_method={"nope": 4})
     with pytest.raises(ConfigError, match="matmul_precision"):
         SweepConfig(matmul_precision="fastest")
-    assert sweep_module.DTYPES is bpjax.config.DTYPES  # one list: a training run's dtypes
     hash(TINY)  # frozen and hashable, dicts turned into tuples
     assert TINY.max_batch("per_sample") == 1 and TINY.max_batch("manual") is None
     assert SweepConfig(peers=()).peers == ()  # no peers at all is a valid sweep

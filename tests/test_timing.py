@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bpjax.bench import timing
 from bpjax.bench.timing import (
     COMPILES,
     carried_state,
@@ -16,7 +17,7 @@ from bpjax.bench.timing import (
     time_fn,
     timing_from_times,
 )
-from bpjax.train import TrainState
+from bpjax.training import TrainState
 
 
 def test_timing_statistics_from_raw_times():
@@ -104,3 +105,35 @@ def test_carry_threads_a_donated_train_state_through_a_jitted_step():
 def test_min_time_adds_rounds_for_fast_functions():
     t = time_fn(lambda: None, repeats=3, warmup=0, min_time_s=0.02)
     assert t.repeats > 3
+
+
+@jax.jit
+def _matmul_chain(a):
+    """About 50 ms of float32 work on one CPU core: eight 600x600 products."""
+    for _ in range(8):
+        a = jnp.tanh(a @ a)
+    return a
+
+
+def _timed_against_a_blocking_reference() -> tuple[float, float]:
+    """Medians of ``compare_fns`` timing the jitted chain, interleaved with a reference that
+    blocks on the chain's result itself (a plain function, called as is)."""
+    x = jnp.full((600, 600), 1.0 / 600, jnp.float32)
+    reference = lambda a: jax.block_until_ready(_matmul_chain(a))  # noqa: E731
+    t = compare_fns({"timed": (_matmul_chain, (x,)), "reference": (reference, (x,))},
+                    repeats=5, warmup=1)  # fmt: skip
+    return t["timed"].median_s, t["reference"].median_s
+
+
+def test_the_timer_waits_for_work_that_was_dispatched_asynchronously(monkeypatch):
+    """A jitted call returns at dispatch, before its result is computed (asynchronous
+    dispatch, on the CPU too): a timer that forgot ``block_until_ready`` would time the
+    dispatch (~0.1 ms), not the work (~50 ms). The two are interleaved, so a loaded machine
+    slows both alike; the factor 0.3 leaves room for noise, not for a missing block."""
+    timed, reference = _timed_against_a_blocking_reference()
+    assert timed >= 0.3 * reference, (timed, reference)
+    # Negative control: the timer without its block measures the dispatch only, so the
+    # check above fails; if it did not, dispatch here were synchronous and the test blind.
+    monkeypatch.setattr(timing, "_block", lambda out: out)
+    unblocked, reference = _timed_against_a_blocking_reference()
+    assert unblocked < 0.3 * reference, (unblocked, reference)

@@ -41,11 +41,11 @@ from bpjax.bench.timing import (
     peak_memory_bytes,
 )
 from bpjax.errors import first_line, is_out_of_memory
-from bpjax.network import init_params
+from bpjax.network import Net, init_params
 from bpjax.step import compiler_options
 
 if TYPE_CHECKING:
-    from bpjax.bench.sweep import SweepConfig
+    from bpjax.bench.sweep_config import SweepConfig
 
 _ROOF = "_gemm_only"  # the roofline's entry among the timed functions
 
@@ -99,8 +99,9 @@ def _compile_step(config: SweepConfig, method: str, devices: Sequence[jax.Device
                   params: HostParams, x: np.ndarray, y: np.ndarray) -> _Entry:  # fmt: skip
     place = _placement(devices)
     options = compiler_options(devices[0].platform, x.shape[0] // len(devices))
-    step, traces = sgd_step(method, activation=config.activation, loss=config.loss, lr=config.lr,
-                            compute_dtype=config.dtype, compiler_options=options)  # fmt: skip
+    net = Net.mlp(config.sizes, config.activation, config.loss)
+    step, traces = sgd_step(net, method, lr=config.lr, compute_dtype=config.dtype,
+                            compiler_options=options)  # fmt: skip
     args = place(sgd_state(params), x, y)
     compiled, compile_s, n_compiles = compile_fn(step, *args)
     temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)

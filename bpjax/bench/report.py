@@ -44,7 +44,7 @@ from bpjax.files import write_atomic
 if TYPE_CHECKING:
     from matplotlib.figure import Figure  # matplotlib is imported only to plot
 
-    from bpjax.bench.sweep import SweepConfig
+    from bpjax.bench.sweep_config import SweepConfig
 
 
 @dataclasses.dataclass(frozen=True)

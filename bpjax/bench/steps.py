@@ -1,7 +1,7 @@
 """What the benchmarks time: the training step, its FLOPs and its floors.
 
 * :func:`sgd_step`: one SGD step of a gradient method, jitted with the state
-  donated. It *is* the training loop's step, ``bpjax.train.train_step`` with
+  donated. It *is* the training loop's step, ``bpjax.training.train_step`` with
   ``optax.sgd(lr)`` over a ``TrainState`` (gradient, update ``W -= lr dW``, the
   batch's loss sum and correct count), not a second hand-written update beside
   it: a number measured here is the cost of a step that ``train()`` runs, and a
@@ -32,8 +32,8 @@ from jax import lax
 
 from bpjax.bench.timing import compare_fns
 from bpjax.methods import grad_fn
-from bpjax.network import Params
-from bpjax.train import TrainState, train_step
+from bpjax.network import Net, Params
+from bpjax.training import TrainState, train_step
 
 Array = jax.Array
 
@@ -54,7 +54,7 @@ def sgd_state(params: Params) -> TrainState:
 
 
 def sgd_step(
-    method: str, *, activation: str, loss: str, lr: float, compute_dtype: str | None = None,
+    net: Net, method: str, *, lr: float, compute_dtype: str | None = None,
     compiler_options: dict[str, str] | None = None,
 ) -> tuple[Callable, list[int]]:
     """A fresh jitted step ``(state, x, y) -> (state, metrics)`` (state donated), and its counter.
@@ -65,12 +65,12 @@ def sgd_step(
     ``compiler_options``: what the training loop compiles its step with at this
     batch (``bpjax.step.compiler_options``), so the step timed is the one trained.
     """
-    grads_of = grad_fn(method, activation=activation, loss=loss, compute_dtype=compute_dtype)
+    grads_of = grad_fn(net, method, compute_dtype=compute_dtype)
     step_fn = functools.partial(
         train_step,
         grad=lambda params, x, y, key, feedback=(): grads_of(params, x, y, feedback),
         optimizer=optax.sgd(lr),
-        loss=loss,
+        loss=net.loss,
     )
     traces = [0]
 

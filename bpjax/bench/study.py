@@ -53,7 +53,7 @@ from bpjax.config import divisors, scaled_lr
 from bpjax.errors import TrainingError
 from bpjax.evaluation import meets_target
 from bpjax.rundir import read_metrics
-from bpjax.train import train
+from bpjax.training import train
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

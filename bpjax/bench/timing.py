@@ -22,7 +22,7 @@ A step that donates its state (``donate_argnums=0``) cannot be called twice on
 the same buffers; ``carry=True`` threads the state it returns back in as the
 first argument of the next call, exactly as a training loop does: the first
 element of a plain tuple ``(state, metrics)``, or the whole output when that is
-the state itself (an array, or a ``NamedTuple`` such as ``bpjax.train.TrainState``).
+the state itself (an array, or a ``NamedTuple`` such as ``bpjax.training.TrainState``).
 
     >>> t = time_fn(jax.jit(step, donate_argnums=0), state, x, y, carry=True)
     >>> t.median_s, t.compile_s

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -47,19 +48,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpjax.config import Config
+from bpjax.checkpoint import run_settings
+from bpjax.config import Config, divisors
 from bpjax.data import Dataset, load_dataset
 from bpjax.errors import ConfigError, TrainingError, is_out_of_memory
 from bpjax.evaluation import (
     Evaluator,
     check_health,
-    evaluate,  # noqa: F401 - part of this module's API (bpjax.train.evaluate)
+    evaluate,  # noqa: F401 - part of this module's API (bpjax.training.evaluate)
     interval_record,
     target_reached,
 )
 from bpjax.feedback import Feedback, init_feedback
 from bpjax.network import Params, init_params
 from bpjax.parallel import Placement
+from bpjax.rules import optimizer_warning
 from bpjax.rundir import RunDir
 from bpjax.step import (  # noqa: F401 - the step's names, importable from here as before
     GradFn,
@@ -154,16 +157,16 @@ def init_state(config: Config, sizes: tuple[int, ...], place: Placement) -> Trai
     init_key = run_keys(config)[0]
     dtype = jnp.dtype(config.param_dtype)
     params = init_params(init_key, sizes, dtype)
-    feedback = init_feedback(init_key, sizes, config.feedback, dtype)
+    feedback = init_feedback(init_key, sizes, config.rule, dtype)
     opt_state = initial_opt_state(config, params, feedback)
     return place.put(TrainState(params, opt_state, np.zeros((), np.int32), feedback))
 
 
 def checkpoint_meta(config: Config, sizes: tuple[int, ...]) -> dict[str, Any]:
-    """What a checkpoint must match to be restored into this run."""
+    """What a checkpoint must match to be restored into this run (``bpjax.checkpoint``)."""
     return {"sizes": list(sizes), "dtype": config.dtype, "optimizer": config.optimizer,
             "activation": config.activation, "loss": config.loss,
-            "feedback": config.feedback}  # fmt: skip
+            "feedback": config.feedback, "settings": run_settings(config)}  # fmt: skip
 
 
 class EpochProgram:
@@ -192,6 +195,7 @@ class EpochProgram:
                 f" {', '.join(map(str, divisors))}"
             )
         self.data_key = run_keys(config)[1]
+        self.net = config.net(data.x_train.shape[1], data.y_train.shape[1])
         t0 = time.perf_counter()
         rows = config.batch // (place.mesh.size if place.mesh is not None else 1)
         options = compiler_options(place.device.platform, rows)
@@ -205,8 +209,8 @@ class EpochProgram:
     def _chunk(self, state, x, y, key, first):
         self.traces += 1  # runs at trace time only: counts compilations
         config = self.config
-        step_fn = make_train_step(config, self.place.mesh, steps_per_epoch=self.steps_per_epoch,
-                                  classify=self.classify)  # fmt: skip
+        step_fn = make_train_step(config, self.place.mesh, net=self.net,
+                                  steps_per_epoch=self.steps_per_epoch, classify=self.classify)
         return run_steps(state, x, y, key, first, step_fn=step_fn, batch=config.batch,
                          steps=self.chunk_steps, place=self.place)  # fmt: skip
 
@@ -279,23 +283,37 @@ def _train_epochs(config: Config, dataset: Dataset | None, place: Placement, run
     start_loss = float(measure(initial)["loss"])
     state, start = run.resume(initial, meta)
     state = place.put_restored(state) if start else state
-    run.start(sizes)
     run.log(describe(config, dataset, data, place, run.workdir))
     program = EpochProgram(config, place, state, data, classify)
+    run.start(sizes)  # config.json once every check passed: a refused run leaves none
+    if warning := optimizer_warning(config.rule, config.optimizer):  # kp: SGD's identity only
+        run.log(warning)
+        run.event("warning", detail=warning)
     run.log(f"compiled the epoch in {program.compile_s:.2f}s")
     run.intervals_per_epoch = program.steps_per_epoch // program.chunk_steps
-    if start >= config.epochs:
-        run.log(f"the run already finished its {start} epochs: pass --epochs=N to extend it")
-    t_loop, epoch, target = time.perf_counter(), start, None
-    while epoch < config.epochs and not stop() and target is None:
-        epoch += 1
-        state, target = _epoch(config, program, measure, state, data, epoch, start_loss, run,
-                               meta)  # fmt: skip
+    target = _reached_before(config, run)
+    if start >= config.epochs and not target:
+        run.log(f"the run already finished its {start} epochs: pass --epochs=N to extend it"
+                if start else "--epochs=0: no epoch to train; the parameters are the initial ones")
+    epoch, chunk = (start, 0) if target else _resume_point(config, program, start)
+    t_loop = time.perf_counter()
+    try:
+        while epoch < config.epochs and not stop() and target is None:
+            epoch += 1
+            state, target = _epoch(config, program, measure, state, data, epoch, start_loss, run,
+                                   meta, chunk)  # fmt: skip
+            chunk = 0
+    except TrainingError:
+        raise  # diverged or stopped being finite: the newest checkpoint stays the last good one
+    except BaseException:
+        if jax.process_count() == 1:  # a save takes every process, and only this one failed
+            with contextlib.suppress(Exception):
+                _save_end(run, meta)
+        raise
     interrupted = target is None and epoch < config.epochs
-    if interrupted and epoch > run.saved_epoch:
-        run.save(epoch, state, meta)  # the last completed epoch, checkpointed before leaving
+    _save_end(run, meta)  # the end of the run, however it ended, is checkpointed
     run.event("interrupted" if interrupted else "target_reached" if target else "finished",
-              **(target or {"epoch": epoch}))  # fmt: skip
+              **(target or {"epoch": max(epoch, start)}))  # fmt: skip
     if run.history and not interrupted:
         run.log(run.summary(time.perf_counter() - t_loop, target))
     params, feedback = jax.device_get((state.params, state.feedback))
@@ -303,12 +321,59 @@ def _train_epochs(config: Config, dataset: Dataset | None, place: Placement, run
                        target, program.compile_s)  # fmt: skip
 
 
+def _reached_before(config: Config, run: RunDir) -> dict[str, Any] | None:
+    """Where the run reached its target, if the checkpoint it resumed from meets it.
+
+    Then there is nothing to train (a scheduled job restarted after the end): one
+    line says so. None otherwise.
+    """
+    last = run.history[-1] if run.resumed and run.history else None
+    if last is None or last.get("epoch") != run.saved_epoch or not target_reached(config, last):
+        return None
+    run.log(f"the run already reached its target at epoch {last['epoch']}, step"
+            f" {last.get('step')}: nothing to train (change --target_* to go on)")  # fmt: skip
+    return {"epoch": last["epoch"], "step": last.get("step"),
+            "train_s": last.get("train_s", 0.0), "elapsed_s": last.get("elapsed_s", 0.0)}
+
+
+def _resume_point(config: Config, program: EpochProgram, start: int | float) -> tuple[int, int]:
+    """``(epochs done, chunks of the next one done)`` at the resumed epoch ``start``.
+
+    A fraction (1.5): a run that ended part-way through an epoch, continued from
+    its next step, which must begin a chunk of ``--eval_every_steps``.
+    """
+    whole, steps = math.floor(start), program.steps_per_epoch
+    done = round((start - whole) * steps)  # steps of epoch ``whole + 1`` already taken
+    if done % program.chunk_steps:
+        fits = ", ".join(map(str, divisors(math.gcd(done, steps))))
+        raise ConfigError(
+            f"the run stopped at epoch {start}, after {done} of the {steps} steps of epoch"
+            f" {whole + 1}: --eval_every_steps={config.eval_every_steps} cannot continue from"
+            f" there; use one of {fits}"
+        )
+    return whole, done // program.chunk_steps
+
+
+def _save_end(run: RunDir, meta: dict[str, Any]) -> None:
+    """Checkpoints the state of the last metrics record, unless that is done already.
+
+    The end of a run, however it ended, so that the newest checkpoint and the
+    records agree. A state already handed to a later interval (donated: a run
+    that failed inside it) is gone, and cannot be saved.
+    """
+    epoch, state = run.last_recorded or (0, None)
+    gone = any(isinstance(a, jax.Array) and a.is_deleted() for a in jax.tree.leaves(state))
+    if epoch > run.saved_epoch and not gone:
+        run.save(epoch, state, meta)
+
+
 def _epoch(config: Config, program: EpochProgram, measure: Evaluator, state: TrainState,
-           data: TrainData, epoch: int, start_loss: float, run: RunDir,
-           meta: dict[str, Any]) -> tuple[TrainState, dict[str, Any] | None]:  # fmt: skip
-    """One epoch in its chunks, each evaluated, checked, recorded; stops at a target."""
+           data: TrainData, epoch: int, start_loss: float, run: RunDir, meta: dict[str, Any],
+           first: int = 0) -> tuple[TrainState, dict[str, Any] | None]:  # fmt: skip
+    """One epoch in its chunks (from chunk ``first``), each evaluated, checked, recorded;
+    stops at a target."""
     chunks = program.steps_per_epoch // program.chunk_steps
-    for chunk in range(chunks):
+    for chunk in range(first, chunks):
         t0 = time.perf_counter()
         new_state, steps = program(state, data, epoch, chunk)
         steps = jax.device_get(steps)
