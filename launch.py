@@ -61,7 +61,7 @@ for _signum in (signal.SIGINT, signal.SIGTERM):
 
 from absl import flags, logging  # noqa: E402 - after the handlers: a signal can come now
 
-from bpjax import cli  # noqa: E402
+from bpjax import cli, rundata  # noqa: E402
 from bpjax.config import Config, read_record  # noqa: E402
 from bpjax.errors import ConfigError  # noqa: E402
 from bpjax.interrupt import graceful_stop  # noqa: E402
@@ -84,7 +84,7 @@ def resolve_config() -> Config:
     if CONFIG.value:
         if flags.FLAGS.resume:
             raise ConfigError("--config starts a new run and --resume continues one: use one")
-        recorded = Config.from_json(CONFIG.value, workdir=None, resume=False)
+        recorded = Config.from_json(CONFIG.value, workdir=None, resume=False, data_shape=None)
     elif flags.FLAGS.resume and workdir and os.path.isfile(os.path.join(workdir, "config.json")):
         recorded = Config.from_json(os.path.join(workdir, "config.json"))
     config = cli.from_flags(Config, defaults=recorded)
@@ -97,9 +97,16 @@ def resolve_config() -> Config:
 def main(argv: list[str]) -> None:
     del argv
     config = resolve_config()
+    dataset = None
+    if CONFIG.value:  # a repeat trains on the recorded data, or says how to accept a change
+        config, dataset = rundata.resolve(config, None)
+        record = read_record(CONFIG.value)
+        if record.get("dataset") == config.dataset:
+            rundata.check_record(record.get("data"), rundata.record(dataset, config),
+                                 config.dataset, accept=config.accept_data_change)  # fmt: skip
     initialize_distributed(cli.from_flags(Cluster), config.num_processes)
     with graceful_stop() as stop:
-        result = train(config, stop=stop)
+        result = train(config, dataset=dataset, stop=stop)
     if result.interrupted:
         epoch = result.history[-1]["epoch"] if result.history else 0
         again = shlex.join([sys.argv[0], f"--workdir={result.workdir}", "--resume"])

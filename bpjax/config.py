@@ -20,12 +20,13 @@ import math
 from typing import Any
 
 from bpjax.activations import ACTIVATIONS
-from bpjax.data import DATASETS, dataset_shape
+from bpjax.data import DATASETS
 from bpjax.errors import ConfigError
 from bpjax.losses import LOSSES
 from bpjax.methods import METHODS, RULE_METHODS
 from bpjax.network import Net
 from bpjax.rules import FEEDBACK_RULES, Rule, get_rule
+from bpjax.userdata import check_data_settings, data_widths, train_rows, with_data_shape
 from bpjax.validation import (  # noqa: F401 - importable from here: check_*, read_record, setting
     check_batch_divides,
     check_choice,
@@ -55,7 +56,7 @@ PARALLEL = ("sharding", "shard_map")
 
 SEED_LIMIT = 2**32  # jax.random.key takes a 32-bit seed without x64: 2**32 would be 0 again
 # Keys of a run's config.json that are not settings: what the run derived or recorded.
-DERIVED_KEYS = ("sizes", "provenance", "feedback_rule")
+DERIVED_KEYS = ("sizes", "provenance", "feedback_rule", "data")
 
 
 def scaled_lr(lr: float, batch: int, reference_batch: int, scaling: str) -> float:
@@ -113,7 +114,17 @@ class Config:
     hidden: tuple[int, ...] = setting((500,), "Hidden widths, e.g. 500 or 256,128.")
     activation: str = setting("relu", "Hidden activation σ.", choices=tuple(ACTIVATIONS))
     loss: str = setting("softmax_cross_entropy", "Loss on the output.", choices=tuple(LOSSES))
-    dataset: str = setting("mnist", "Training data.", choices=DATASETS)
+    dataset: str = setting("mnist", f"Training data: {', '.join(DATASETS)}, or your own:"
+                           " npz:PATH, csv:TRAIN,TEST, idx:DIR (README: Your own data).")
+    label_column: str | None = setting(None, "csv: the label column's header (default: last).")
+    standardize: bool = setting(False, "Scale inputs by the training rows' mean and std.")
+    validation_examples: int = setting(0, "Hold out N training examples (seeded) for val_*.")
+    target_split: str = setting("test", "The split --target_* watch.",
+                                choices=("test", "validation"), resumable=True)
+    accept_data_change: bool = setting(False, "Resume or repeat a run although its --dataset"
+                                       " file changed.", resumable=True)  # fmt: skip
+    data_shape: tuple[int, int] | None = setting(None, "The data's (n_0, n_L): filled in and"
+                                                 " recorded by a run; given, checked.")
     data_dir: str | None = setting(
         None, "Directory holding the four IDX files (plain or .gz); default: cache or fetch.",
         resumable=True,
@@ -188,6 +199,7 @@ class Config:
                 check_choice(field.name, value, choices)
         for name in ("batch", "checkpoint_every", "keep_checkpoints", "num_processes"):
             check_positive_int(name, getattr(self, name))
+        check_data_settings(self)  # bpjax.userdata: --dataset, its file's settings, validation
         self._check_sizes()
         self._check_numbers()
         self._check_schedule()
@@ -209,14 +221,12 @@ class Config:
     @property
     def sizes(self) -> tuple[int, ...]:
         """Layer widths ``(n_0, *hidden, n_L)`` for the configured dataset."""
-        shape = dataset_shape(self.dataset)
-        return (shape.n_in, *self.hidden, shape.n_out)
+        n_in, n_out = self.data_shape or data_widths(self.dataset)
+        return (n_in, *self.hidden, n_out)
 
-    def _steps_per_epoch(self) -> int:
-        """Steps per epoch on the named dataset (``train`` given other data checks its own)."""
-        return min(self.train_examples or math.inf, dataset_shape(self.dataset).n_train) // (
-            self.batch
-        )
+    def _steps_per_epoch(self) -> float:
+        """Steps per epoch on the named dataset (inf for a file: ``train`` checks its own)."""
+        return min(self.train_examples or math.inf, train_rows(self)) // self.batch
 
     @property
     def rule(self) -> Rule:
@@ -228,15 +238,14 @@ class Config:
 
         ``Net.mlp((n_in, *hidden, n_out), activation, loss)``.
         """
-        shape = dataset_shape(self.dataset)
-        sizes = (n_in or shape.n_in, *self.hidden, n_out or shape.n_out)
+        sizes = self.sizes if n_in is None or n_out is None else (n_in, *self.hidden, n_out)
         return Net.mlp(sizes, self.activation, self.loss)
 
     def _check_sizes(self) -> None:
         if self.epochs < 0:
             raise ConfigError(f"--epochs must be a non-negative integer, got {self.epochs!r}")
         check_hidden(self.hidden)
-        available = dataset_shape(self.dataset).n_train
+        available = train_rows(self)
         if self.train_examples is not None:
             check_positive_int("train_examples", self.train_examples)
             if self.train_examples < self.batch:
@@ -248,7 +257,7 @@ class Config:
         if self.batch > available:
             raise ConfigError(
                 f"--batch={self.batch} is larger than the training set ({available} examples"
-                f" of {self.dataset}): lower --batch"
+                f" of {self.dataset}{' left' if self.validation_examples else ''}): lower --batch"
             )
 
     def _check_numbers(self) -> None:
@@ -304,7 +313,8 @@ class Config:
                 " --lr_schedule=warmup_constant or warmup_cosine"
             )
         steps = self._steps_per_epoch()  # optax's cosine needs a step left after the warm-up
-        if self.lr_schedule == "warmup_cosine" and round(self.warmup_epochs * steps) >= max(
+        if self.lr_schedule == "warmup_cosine" and steps < math.inf and round(
+                self.warmup_epochs * steps) >= max(
             self.epochs * steps, 1
         ):
             raise ConfigError(
@@ -392,7 +402,7 @@ class Config:
         recorded; ``changes`` replace recorded values before any check
         (``launch.py --config`` clears both: a repeat is a new run).
         """
-        record = read_record(source) if isinstance(source, str) else dict(source)
+        record = with_data_shape(read_record(source) if isinstance(source, str) else dict(source))
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(record) - fields - set(DERIVED_KEYS))
         if unknown:
@@ -419,4 +429,5 @@ class Config:
             f.name: (getattr(self, f.name), getattr(other, f.name))
             for f in dataclasses.fields(self)
             if (resumable or fixed(f)) and getattr(self, f.name) != getattr(other, f.name)
+            and not (f.name == "data_shape" and other.data_shape is None)  # not given: filled in
         }

@@ -40,7 +40,7 @@ import pathlib
 import warnings
 import zipfile
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -138,6 +138,8 @@ class Dataset:
       x_test: ``(N_test, d)`` float32.
       y_test: ``(N_test,)`` int32 or ``(N_test, k)`` float32.
       num_classes: 10 for mnist / fashion_mnist, None for regression.
+      record: what a run records of the data (``config.json``'s ``data``): origin, byte
+        size, SHA-256, shapes, classes, scaling; None: a run hashes the arrays as given.
     """
 
     name: str
@@ -146,6 +148,21 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int | None
+    record: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_arrays(cls, x_train: Any, y_train: Any, x_test: Any, y_test: Any, *,
+                    name: str = "arrays", num_classes: int | None = None) -> Dataset:  # fmt: skip
+        """Your own arrays, checked as files are (``bpjax.userdata``), ready for ``train``.
+
+        ``x``: one example a row (images ``(N, H, W, C)`` are flattened), uint8 (scaled
+        by 1/255) or float (as given); ``y``: integer labels ``(N,)`` in ``[0, classes)``
+        or float targets ``(N,)`` / ``(N, k)``. Raises DataError (one line) for a fault.
+        """
+        from bpjax.userdata import arrays_dataset  # it imports this module
+
+        return arrays_dataset(x_train, y_train, x_test, y_test, name=name,
+                              num_classes=num_classes)  # fmt: skip
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -187,7 +204,8 @@ def load_dataset(
     """
     _check_name(name)
     if name == "regression":
-        return make_regression(seed)
+        data = make_regression(seed)
+        return dataclasses.replace(data, record=builtin_record(data, seed))
     if data_dir is not None:
         arrays, origins = read_idx_dir(data_dir)
         _verify(name, arrays, origins)
@@ -301,7 +319,7 @@ def _image_dataset(name: str, arrays: Mapping[str, np.ndarray]) -> Dataset:
         # One pass, uint8 cast to float32 inside the ufunc: equal to a.astype(f32) / 255.
         return np.divide(a, np.float32(255.0), dtype=np.float32)
 
-    return Dataset(
+    data = Dataset(
         name=name,
         x_train=images(arrays["x_train"]),
         y_train=arrays["y_train"].astype(np.int32),
@@ -309,6 +327,34 @@ def _image_dataset(name: str, arrays: Mapping[str, np.ndarray]) -> Dataset:
         y_test=arrays["y_test"].astype(np.int32),
         num_classes=_NUM_CLASSES,
     )
+    return dataclasses.replace(data, record=builtin_record(data))
+
+
+def sha256_arrays(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over each array's name, dtype and shape, then its C-contiguous bytes."""
+    h = hashlib.sha256()
+    for key, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        h.update(f"{key} {a.dtype.str} {a.shape}\n".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def builtin_record(data: Dataset, seed: int | None = None) -> dict[str, Any]:
+    """What a run records of a built-in dataset: its table's SHA-256 sums, or its seed.
+
+    ``sha256``: of the four arrays' table digests (image datasets, verified on every
+    load), or of the generated arrays (regression).
+    """
+    record: dict[str, Any] = {"dataset": data.name, "classes": data.num_classes,
+                              "shapes": {k: list(getattr(data, k).shape) for k in _KEYS}}
+    if data.name in _EXPECTED:
+        table = "".join(f"{k} {digest}\n" for k, (_, digest) in _EXPECTED[data.name].items())
+        return record | {"origin": "bpjax.data, each array verified by SHA-256",
+                         "sha256": hashlib.sha256(table.encode()).hexdigest(),
+                         "scaling": "uint8 / 255"}  # fmt: skip
+    return record | {"origin": f"generated from --seed={seed}", "scaling": "as given",
+                     "sha256": sha256_arrays({k: getattr(data, k) for k in _KEYS})}
 
 
 # ------------------------------------------------------------------ regression

@@ -93,6 +93,8 @@ class Evaluator:
 
     def __call__(self, state: Any) -> dict[str, Any]:
         out = jax.device_get(self.test(state.params, self.data.x_test, self.data.y_test))
+        if getattr(self.data, "x_val", None) is not None:  # --validation_examples
+            out["val"] = jax.device_get(self.test(state.params, self.data.x_val, self.data.y_val))
         if self.rule != rules.bp:  # bp's angles are 0 by definition
             angles = jax.device_get(
                 self.align(state.params, state.feedback, *self.fixed, key=self.key)
@@ -156,6 +158,7 @@ def interval_record(epoch: float, state: Any, steps: dict[str, np.ndarray], batc
         "train_accuracy": float(np.sum(steps["correct"]) / seen) if "correct" in steps else None,
         "test_loss": float(test["loss"]),
         "test_accuracy": float(test["accuracy"]) if "accuracy" in test else None,
+        **_val_metrics(test.get("val")),
         "samples_per_s": seen / seconds["epoch_s"],
         **seconds,
     }
@@ -171,15 +174,27 @@ def interval_record(epoch: float, state: Any, steps: dict[str, np.ndarray], batc
     return record
 
 
+def _val_metrics(val: dict[str, Any] | None) -> dict[str, Any]:
+    """``val_loss`` and ``val_accuracy`` (None without classes); nothing without a hold-out."""
+    if val is None:
+        return {}
+    accuracy = float(val["accuracy"]) if "accuracy" in val else None
+    return {"val_loss": float(val["loss"]), "val_accuracy": accuracy}
+
+
 def target_reached(config: Config, record: dict[str, Any]) -> bool:
     """The record meets ``--target_accuracy`` or ``--target_loss`` (never without one)."""
-    return meets_target(record, config.target_accuracy, config.target_loss)
+    return meets_target(record, config.target_accuracy, config.target_loss, config.target_split)
 
 
-def meets_target(record: Mapping[str, Any], accuracy: float | None, loss: float | None) -> bool:
-    """The metrics record's test accuracy reaches ``accuracy`` or its test loss ``loss``.
+def meets_target(record: Mapping[str, Any], accuracy: float | None, loss: float | None,
+                 split: str = "test") -> bool:  # fmt: skip
+    """The metrics record's accuracy on ``split`` reaches ``accuracy`` or its loss ``loss``.
 
-    A target that is None never counts; a record without an accuracy misses any.
+    ``split``: ``"test"`` or ``"validation"`` (``val_*``, ``--target_split``). A target
+    that is None never counts; a record without that accuracy (or loss) misses any.
     """
-    acc_ok = accuracy is not None and (record.get("test_accuracy") or 0.0) >= accuracy
-    return acc_ok or (loss is not None and record["test_loss"] <= loss)
+    key = "val" if split == "validation" else "test"
+    acc_ok = accuracy is not None and (record.get(f"{key}_accuracy") or 0.0) >= accuracy
+    lost = record.get(f"{key}_loss")
+    return acc_ok or (loss is not None and lost is not None and lost <= loss)

@@ -20,7 +20,7 @@ import numpy as np
 
 from bpjax.errors import DataError
 
-__all__ = ["IDX_FILES", "read_idx", "read_idx_dir", "write_idx"]
+__all__ = ["IDX_FILES", "find_idx", "read_idx", "read_idx_dir", "write_idx"]
 
 # The four arrays of an image dataset (also the npz keys of bpjax's cache) and their IDX files.
 IDX_FILES = {
@@ -98,7 +98,7 @@ def read_idx_dir(
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         raise DataError(f"data_dir {directory}: not a directory")
-    paths = {key: _find_idx(directory, base) for key, base in IDX_FILES.items()}
+    paths = {key: find_idx(directory, base) for key, base in IDX_FILES.items()}
     missing = [f"{IDX_FILES[k]}[.gz]" for k, p in paths.items() if p is None]
     if missing:
         raise DataError(f"data_dir {directory}: missing {', '.join(missing)}")
@@ -122,7 +122,7 @@ def read_idx_dir(
     return arrays, origins
 
 
-def _find_idx(directory: pathlib.Path, base: str) -> pathlib.Path | None:
+def find_idx(directory: pathlib.Path, base: str) -> pathlib.Path | None:
     """``directory/base``, else ``directory/base.gz``, else None."""
     for candidate in (directory / base, directory / f"{base}.gz"):
         if candidate.is_file():

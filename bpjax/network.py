@@ -135,9 +135,11 @@ def check_inputs(net: Net, params: Params, x: Array, y: Array) -> None:
             f"{describe(net)}, got {x.shape}"
         )
     if y.shape != (*x.shape[: x.ndim - len(n_in)], *n_out):
+        labels = y.shape == x.shape[: x.ndim - len(n_in)] and jnp.issubdtype(y.dtype, jnp.integer)
+        hint = f": for integer labels pass jax.nn.one_hot(y, {n_out[-1]})" if labels else ""
         raise ValueError(
             f"y must be {(*x.shape[: x.ndim - len(n_in)], *n_out)} (one target row per sample, "
-            f"one-hot for cross-entropy), got {y.shape}"
+            f"one-hot for cross-entropy), got {y.shape}{hint}"
         )
 
 

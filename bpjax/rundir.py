@@ -73,8 +73,8 @@ METRICS, EVENTS, CONFIG = "metrics.jsonl", "events.jsonl", "config.json"
 
 def default_workdir(config: Config) -> str:
     """``runs/<date>-<time>-<dataset>-<method>-b<batch>``, relative to the working directory."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", f"{stamp}-{config.dataset}-{config.method}-b{config.batch}")
+    stamp, name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), config.dataset.split(":")[0]
+    return os.path.join("runs", f"{stamp}-{name}-{config.method}-b{config.batch}")
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -121,6 +121,8 @@ def format_line(record: dict[str, Any], epochs: int, eta_s: float) -> str:
     parts.append(f"test_loss {record['test_loss']:.4f}")
     if record.get("test_accuracy") is not None:
         parts.append(f"test_acc {100 * record['test_accuracy']:.2f}%")
+    if record.get("val_accuracy") is not None:  # --validation_examples
+        parts.append(f"val_acc {100 * record['val_accuracy']:.2f}%")
     if record.get("alignment_deg"):
         parts.append("align " + "/".join(f"{a:.1f}" for a in record["alignment_deg"]) + "°")
     if "b_simple" in record:
@@ -324,8 +326,8 @@ class RunDir:
         self.event("checkpoint_damaged", detail=line)
         self.log(line)
 
-    def start(self, sizes: tuple[int, ...]) -> None:
-        """Writes ``config.json`` for a new run: settings, layer sizes, workdir, provenance.
+    def start(self, sizes: tuple[int, ...], data: dict[str, Any] | None = None) -> None:
+        """Writes ``config.json`` for a new run: settings, sizes, workdir, provenance, data.
 
         A resumed run keeps its record; one resumed before its first checkpoint
         keeps its ``config.json`` too and starts again at epoch 1.
@@ -334,7 +336,7 @@ class RunDir:
             return
         if not self.recorded:
             record = {**self.config.to_dict(), "sizes": list(sizes), "workdir": self.workdir,
-                      "provenance": provenance(self.device)}  # fmt: skip
+                      "provenance": provenance(self.device), "data": data}  # fmt: skip
             if rule := rule_record(self.config.feedback):  # a rule by import path, and its hash
                 record["feedback_rule"] = rule
             with self._writing(CONFIG):

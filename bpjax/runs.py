@@ -33,7 +33,7 @@ import jax
 from bpjax.checkpoint import checkpoint_manager, newest_intact, restore_step
 from bpjax.config import Config, read_record
 from bpjax.errors import CheckpointError, RunError, first_line
-from bpjax.network import Params
+from bpjax.network import Net, Params
 from bpjax.parallel import Placement
 from bpjax.rundir import CONFIG, EVENTS, read_jsonl, read_metrics
 from bpjax.training import checkpoint_meta, init_state
@@ -54,6 +54,11 @@ class Run:
     epoch: int | float  # where ``params`` are (0: the initial ones; 1.5: mid-epoch 2)
     params: Params  # NumPy arrays, in the run's dtype
     checkpoints: tuple[int, ...]  # the epochs with a checkpoint on disk
+
+    @property
+    def net(self) -> Net:
+        """The network the params belong to (``bpjax.predict(run.net, run.params, x)``)."""
+        return Net.mlp(self.sizes, self.config.activation, self.config.loss)
 
 
 def _record(workdir: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

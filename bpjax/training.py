@@ -48,9 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpjax import rundata
 from bpjax.checkpoint import run_settings
 from bpjax.config import Config, divisors
-from bpjax.data import Dataset, load_dataset
+from bpjax.data import Dataset
 from bpjax.errors import ConfigError, TrainingError, is_out_of_memory
 from bpjax.evaluation import (
     Evaluator,
@@ -83,12 +84,17 @@ Log = Callable[[str], None]
 
 
 class TrainData(NamedTuple):
-    """The arrays of a run, placed: inputs ``(N, n_0)`` and target rows ``(N, n_L)``."""
+    """The arrays of a run, placed: inputs ``(N, n_0)`` and target rows ``(N, n_L)``.
+
+    ``x_val, y_val``: the rows ``--validation_examples`` held out (None without).
+    """
 
     x_train: Array
     y_train: Array
     x_test: Array
     y_test: Array
+    x_val: Array | None = None
+    y_val: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,41 +109,43 @@ class TrainResult:
     compile_s: float = 0.0  # compiling the epoch program (trace, lower, XLA), apart from training
 
 
-def prepare_data(dataset: Dataset, config: Config, place: Placement) -> TrainData:
-    """Targets as rows (one-hot for classification), cast, and placed (``place.put``).
-
-    Inputs in the compute dtype (bfloat16 under mixed precision: half the memory
-    and traffic), targets in the parameters' (float32 then: soft or real-valued
-    targets would lose precision in bfloat16).
+def split_rows(dataset: Dataset, config: Config) -> Any:
+    """The run's rows on the host (``rundata.split``: hold-out, --train_examples,
+    --standardize), checked against the settings; before any file is written.
     """
-    x_dtype, y_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-    n = config.train_examples or dataset.x_train.shape[0]
-    if n > dataset.x_train.shape[0]:
-        raise ConfigError(
-            f"--train_examples={n} exceeds the {dataset.x_train.shape[0]} training examples of "
-            f"{dataset.name}"
-        )
-    if config.batch > n:
-        raise ConfigError(
-            f"--batch={config.batch} is larger than the training set ({n} examples of "
-            f"{dataset.name}): lower --batch"
-        )
+    rows = rundata.split(dataset, config)
     if dataset.num_classes is None and config.loss == "softmax_cross_entropy":
         raise ConfigError(
             f"{dataset.name} has real-valued targets, which softmax cross-entropy cannot fit:"
             " use --loss=squared_error"
         )
+    return rows
+
+
+def prepare_data(dataset: Dataset, config: Config, place: Placement,
+                 rows: Any = None) -> TrainData:  # fmt: skip
+    """Targets as rows (one-hot for classification), cast, and placed (``place.put``).
+
+    Inputs in the compute dtype (bfloat16 under mixed precision: half the memory
+    and traffic), targets in the parameters' (float32 then: soft or real-valued
+    targets would lose precision in bfloat16). ``rows``: ``split_rows``'s, if made.
+    """
+    x_dtype, y_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    rows = split_rows(dataset, config) if rows is None else rows
 
     def targets(y: np.ndarray) -> np.ndarray:
         if dataset.num_classes is None:
             return y.astype(y_dtype)
         return np.eye(dataset.num_classes, dtype=y_dtype)[y]
 
+    held = rows.x_val is not None
     return place.put(TrainData(
-        x_train=dataset.x_train[:n].astype(x_dtype),
-        y_train=targets(dataset.y_train[:n]),
-        x_test=dataset.x_test.astype(x_dtype),
-        y_test=targets(dataset.y_test),
+        x_train=rows.x_train.astype(x_dtype),
+        y_train=targets(rows.y_train),
+        x_test=rows.x_test.astype(x_dtype),
+        y_test=targets(rows.y_test),
+        x_val=rows.x_val.astype(x_dtype) if held else None,
+        y_val=targets(rows.y_val) if held else None,
     ))  # fmt: skip
 
 
@@ -229,8 +237,9 @@ def describe(config: Config, dataset: Dataset, data: TrainData, place: Placement
     """The run's header line: data, network, method, update, placement."""
     n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]
     sizes = (data.x_train.shape[1], *config.hidden, data.y_train.shape[1])
+    val = f"{data.x_val.shape[0]} validation / " if data.x_val is not None else ""
     return (
-        f"{dataset.name}: {n_train} train / {n_test} test examples, network "
+        f"{dataset.name}: {n_train} train / {val}{n_test} test examples, network "
         f"{'-'.join(map(str, sizes))} ({config.activation}, {config.loss}), method "
         f"{config.method}, {config.optimizer} lr {config.lr}, batch {config.batch} "
         f"({n_train // config.batch} steps/epoch, {n_train % config.batch} left out per epoch), "
@@ -249,7 +258,9 @@ def train(
 
     Args:
       config: the run.
-      dataset: already loaded data (notebooks, tests); else ``load_dataset``.
+      dataset: data given in Python (``Dataset.from_arrays``); else what ``config.dataset``
+        names is loaded (``bpjax.rundata``). Either way it is checked, and recorded, before
+        the run directory is touched.
       log: receives one readable line per event (``print`` by default; None: silent).
       stop: polled before every epoch; once it returns True the run ends after
         the epoch under way, with that epoch checkpointed (``bpjax.interrupt``).
@@ -258,6 +269,10 @@ def train(
       The final params, the per-epoch metrics and the workdir, on every normal
       path, an early stop included (``interrupted``).
     """
+    config, dataset = rundata.resolve(config, dataset)  # fills in config.data_shape
+    data_record = rundata.record(dataset, config)
+    changed = rundata.check_resumed(config, data_record)  # --resume: the recorded SHA-256
+    rows = split_rows(dataset, config)  # --batch against the rows, ...: before any file
     x64 = jax.enable_x64(True) if config.dtype == "float64" else contextlib.nullcontext()
     precision = (contextlib.nullcontext() if config.matmul_precision == "default"
                  else jax.default_matmul_precision(config.matmul_precision))  # fmt: skip
@@ -266,15 +281,17 @@ def train(
         quiet = log is None or not place.is_main  # only process 0 logs
         with RunDir.open(config, log=(lambda _: None) if quiet else log,
                          is_main=place.is_main, device=place.device) as run:  # fmt: skip
-            return _train_epochs(config, dataset, place, run, stop or (lambda: False))
+            if changed:  # --accept_data_change: the new data's hash, recorded
+                run.event("data_changed", sha256=changed, data=data_record)
+            return _train_epochs(config, dataset, place, run, stop or (lambda: False),
+                                 data_record, rows)  # fmt: skip
 
 
-def _train_epochs(config: Config, dataset: Dataset | None, place: Placement, run: RunDir,
-                  stop: Callable[[], bool]) -> TrainResult:  # fmt: skip
+def _train_epochs(config: Config, dataset: Dataset, place: Placement, run: RunDir,
+                  stop: Callable[[], bool], data_record: dict[str, Any], rows: Any,
+                  ) -> TrainResult:  # fmt: skip
     """The recipe: data, state (fresh or resumed), program; then epochs until done."""
-    if dataset is None:
-        dataset = load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
-    data = prepare_data(dataset, config, place)
+    data = prepare_data(dataset, config, place, rows)
     classify = dataset.num_classes is not None
     sizes = (data.x_train.shape[1], *config.hidden, data.y_train.shape[1])
     meta = checkpoint_meta(config, sizes)
@@ -285,7 +302,7 @@ def _train_epochs(config: Config, dataset: Dataset | None, place: Placement, run
     state = place.put_restored(state) if start else state
     run.log(describe(config, dataset, data, place, run.workdir))
     program = EpochProgram(config, place, state, data, classify)
-    run.start(sizes)  # config.json once every check passed: a refused run leaves none
+    run.start(sizes, data_record)  # config.json once every check passed: a refused run leaves none
     if warning := optimizer_warning(config.rule, config.optimizer):  # kp: SGD's identity only
         run.log(warning)
         run.event("warning", detail=warning)

@@ -20,6 +20,10 @@ trained first in the same process (``--compare_default``):
         --batches=32,64,128,256,512 --lr=0.12 --lrs_per_batch=3 --evals_per_epoch=8 \
         --compare_default                                                              # 72 s
 
+Everything goes under ``runs/`` (git-ignored) by default; the committed results in
+``experiments/results/batch_study/`` are rewritten only when ``--out_dir`` names that folder
+(add ``--out_dir=experiments/results/batch_study`` to the commands above to regenerate them).
+
 Wall times measured on a shared 2-core CPU at load average 1-2 (at load 8: --quick
 2.6 min, the default study 13.3 min). A second invocation skips every finished trial
 and only rewrites the files (3 s). Steps to target do not depend on the load (two runs
@@ -101,6 +105,7 @@ from bpjax.config import (
 )
 from bpjax.data import Dataset, dataset_shape, load_dataset
 from bpjax.errors import ConfigError, first_line
+from bpjax.evaluation import meets_target
 from bpjax.files import write_atomic
 from bpjax.outputs import check_out_dir, writing
 from bpjax.rundir import read_metrics
@@ -133,7 +138,14 @@ class StudySettings:
     max_steps: int | None = setting(None, "Budget per trial in steps, if it comes first"
                                     " (default 10000; quick 2000; 0: none).")  # fmt: skip
     evals_per_epoch: int = setting(32, "About this many evaluations per epoch.")
-    train_examples: int = setting(STUDY_EXAMPLES, "Training images (60000: all of MNIST).")
+    target_split: str = setting("validation", "Where targets and best epochs are read: the"
+                                " validation hold-out (new results) or test (the README's"
+                                " tables).", choices=("validation", "test"))  # fmt: skip
+    validation_examples: int | None = setting(None, "Training images held out for validation"
+                                              " (default 10000 under --target_split=validation,"
+                                              " else 0).")  # fmt: skip
+    train_examples: int | None = setting(None, "Training images after the hold-out (default:"
+                                         " the most multiples of 8192 up to 57344).")  # fmt: skip
     dataset: str = setting("mnist", "Training data.", choices=("mnist", "fashion_mnist"))
     data_dir: str | None = setting(None, "The four IDX files (plain or .gz); default: cache.")
     platforms: tuple[str, ...] | None = setting(None, "Platforms to run the study on (default:"
@@ -143,7 +155,10 @@ class StudySettings:
     compare_default: bool = setting(False, "First train bpjax.Config(epochs=40) to the same"
                                     " target; compare the fastest trial with it.")  # fmt: skip
     quick: bool = setting(False, "A reduced grid, a few minutes on 2 cores.")
-    out_dir: str = setting("experiments/results/batch_study", "Folder of the JSON, CSV, PNGs.")
+    out_dir: str = setting(
+        "runs/batch_study", "Folder of the JSON, CSV, PNGs (the committed results: only when"
+        " --out_dir=experiments/results/batch_study names them)."
+    )
     runs_dir: str = setting("runs/batch_study", "Folder of the trials' workdirs (git-ignored).")
     verbose: bool = setting(False, "Print every evaluation line of every trial.")
 
@@ -153,10 +168,22 @@ class StudySettings:
                     "lr": DEFAULT_LR[self.optimizer], "lrs_per_batch": 2 if q else 5,
                     "target_accuracy": 0.95 if q else 0.97, "max_epochs": 10 if q else 60,
                     "max_steps": 2000 if q else 10000,
-                    "platforms": (jax.default_backend(),)}  # fmt: skip
+                    "platforms": (jax.default_backend(),),
+                    "validation_examples": 10000 if self.target_split == "validation" else 0}
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.train_examples is None:
+            object.__setattr__(self, "train_examples", self.default_train_examples)
+        self._check()
+
+    @property
+    def default_train_examples(self) -> int:
+        """7·8192 = 57344 without a hold-out; 6·8192 = 49152 after 10000 held out."""
+        rest = dataset_shape(self.dataset).n_train - self.validation_examples
+        return min(STUDY_EXAMPLES, max(8192 * (rest // 8192), min(rest, 8192)))
+
+    def _check(self) -> None:
         check_choices("platforms", self.platforms, PLATFORMS)
         for name in ("lrs_per_batch", "max_epochs", "evals_per_epoch", "train_examples"):
             check_positive_int(name, getattr(self, name))
@@ -168,9 +195,14 @@ class StudySettings:
         if max(self.batches) > self.train_examples:  # an epoch of such a batch has no step
             raise ConfigError(f"--batches: {max(self.batches)} is larger than --train_examples="
                               f"{self.train_examples}: an epoch would have no step")  # fmt: skip
-        if self.train_examples > (n := dataset_shape(self.dataset).n_train):
+        if self.validation_examples < 0 or (self.target_split == "validation"
+                                            and not self.validation_examples):  # fmt: skip
+            raise ConfigError("--target_split=validation needs --validation_examples > 0")
+        n = dataset_shape(self.dataset).n_train - self.validation_examples
+        if self.train_examples > n:
+            held = self.validation_examples and f" left after {self.validation_examples} held out"
             raise ConfigError(f"--train_examples={self.train_examples} is more than the {n}"
-                              f" training images of {self.dataset}")  # fmt: skip
+                              f" training images{held or ''} of {self.dataset}")  # fmt: skip
         if not (self.lr_factor > 1 and self.lr > 0 and 0 < self.target_accuracy <= 1):
             raise ConfigError("--lr_factor must be > 1, --lr > 0, --target_accuracy in (0, 1]")
 
@@ -182,7 +214,11 @@ class StudySettings:
         parts += [f"e{self.max_epochs}"] if not self.prunable else []
         momentum = self.optimizer == "momentum" and self.momentum != 0.9
         parts += [f"m{self.momentum:g}"] if momentum else []
-        parts += [f"n{self.train_examples}"] if self.train_examples != STUDY_EXAMPLES else []
+        held = self.validation_examples
+        parts += [f"val{held}"] if held else []  # new results: targets on the hold-out
+        parts += ["ontest"] if held and self.target_split == "test" else []
+        n, default = self.train_examples, self.default_train_examples
+        parts += [f"n{n}"] if n != default else []
         return "-".join(parts + ([f"seed{self.seed}"] if self.seed else []))
 
     @property
@@ -208,7 +244,8 @@ def trial_config(s: StudySettings, platform: str, batch: int, lr: float, epochs:
                   dataset=s.dataset, train_examples=s.train_examples, seed=s.seed,
                   platform=platform, eval_every_steps=every, target_accuracy=s.target_accuracy,
                   noise_scale=True, workdir=workdir, resume=True, checkpoint_every=5,
-                  keep_checkpoints=1)  # fmt: skip
+                  keep_checkpoints=1, validation_examples=s.validation_examples,
+                  target_split=s.target_split)  # fmt: skip
 
 
 _NUM, _OPT_NUM, _OPT_INT = (int, float), (int, float, type(None)), (int, type(None))
@@ -285,12 +322,16 @@ def run_trial(config: Config, dataset: Dataset, verbose: bool, **fields: Any) ->
     t0 = time.perf_counter()
     log = (lambda line: print("    " + line, flush=True)) if verbose else None
     history, compile_s, error = study.train_or_stopped(config, dataset, log)
-    hit = study.first_hit(history, config.target_accuracy)
+    split = config.target_split  # targets and the best epoch: on the validation hold-out
+    hit = next((m for m in history if meets_target(m, config.target_accuracy, None, split)), None)
+    key = "val_accuracy" if split == "validation" else "test_accuracy"
+    best = max(history, key=lambda m: m.get(key) or 0.0, default={})
     status = "reached" if hit else "diverged" if error else "budget"
     last = history[-1] if history else {}
     upto = [m for m in history if hit is None or m["step"] <= hit["step"]]
     noise = study.run_b_simple(upto)
-    steps_per_epoch = (config.train_examples or dataset.x_train.shape[0]) // config.batch
+    rows = config.train_examples or dataset.x_train.shape[0] - config.validation_examples
+    steps_per_epoch = rows // config.batch
     record = {
         "platform": config.platform, "batch": config.batch, "lr": config.lr, "status": status,
         **fields, "budget_epochs": config.epochs, "steps_per_epoch": steps_per_epoch,
@@ -303,6 +344,9 @@ def run_trial(config: Config, dataset: Dataset, verbose: bool, **fields: Any) ->
         "compile_s": compile_s,
         "final_step": last.get("step", 0), "final_epoch": last.get("epoch", 0),
         "best_test_accuracy": max((m["test_accuracy"] for m in history), default=None),
+        "target_split": split, "test_accuracy_at_target": hit["test_accuracy"] if hit else None,
+        "best_epoch": best.get("epoch"), "best_accuracy": best.get(key),
+        "test_accuracy_at_best": best.get("test_accuracy"),
         "b_simple": noise["ratio"], "b_simple_median": noise["median"],
         "wall_s": time.perf_counter() - t0, "load_average": os.getloadavg()[0],
         "reason": error or "", "workdir": config.workdir,
@@ -371,7 +415,9 @@ def default_run(s: StudySettings, platform: str, dataset: Dataset) -> dict[str, 
     record = recorded(workdir, platform=platform)
     if not finished(record, 40):
         config = Config(epochs=40, target_accuracy=s.target_accuracy, dataset=s.dataset,
-                        seed=s.seed, platform=platform, workdir=workdir, resume=True)  # fmt: skip
+                        seed=s.seed, platform=platform, workdir=workdir, resume=True,
+                        validation_examples=s.validation_examples,
+                        target_split=s.target_split)  # fmt: skip
         record = run_trial(config, dataset, s.verbose)
     print(f"default config (batch 128, lr 0.1, sgd, all images, evaluated per epoch): "
           f"{record['status']} at epoch {record['target_epoch']}, "
@@ -416,7 +462,7 @@ def write_outputs(s: StudySettings, trials: list[dict[str, Any]], summary: dict[
     write_atomic(paths[1], csv_text(trials))
     title = (
         f"{s.dataset}, 784-500-10 ReLU, {s.optimizer} ({s.lr_schedule}), target "
-        f"{100 * s.target_accuracy:g}% test accuracy, {s.lrs_per_batch} lrs per batch"
+        f"{100 * s.target_accuracy:g}% {s.target_split} accuracy, {s.lrs_per_batch} lrs per batch"
         f" ({s.lr_scaling} rule, x{s.lr_factor:g} apart), {s.train_examples} images"
     )
     save_png(study.steps_figure(summary["rows"], summary["fits"], summary["b_simple"], title),

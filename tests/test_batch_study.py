@@ -166,14 +166,20 @@ def test_summary_comparison_and_report():
 
 def test_settings_defaults_quick_and_names(script):
     s = script.StudySettings(platforms=("cpu",))
+    # results land in runs/ (git-ignored) unless a command names the committed folder
+    assert s.out_dir == "runs/batch_study" and s.runs_dir.startswith("runs/")
     assert s.batches == tuple(2**k for k in range(4, 14)) and s.lrs_per_batch == 5
-    assert (s.target_accuracy, s.lr, s.train_examples) == (0.97, 0.3, 57344)
-    assert s.tag == "mnist-sgd-constant-t97" and s.prunable
+    assert (s.target_accuracy, s.lr, s.train_examples) == (0.97, 0.3, 49152)
+    assert (s.target_split, s.validation_examples) == ("validation", 10000)
+    assert s.tag == "mnist-sgd-constant-t97-val10000" and s.prunable
+    old = script.StudySettings(target_split="test", platforms=("cpu",))  # the README's tables
+    assert (old.train_examples, old.tag) == (57344, "mnist-sgd-constant-t97")
     q = script.StudySettings(quick=True, optimizer="momentum", platforms=("cpu",))
     assert q.batches == (32, 128, 512, 2048) and q.target_accuracy == 0.95 and q.lr == 0.03
-    assert q.name == "mnist-momentum-constant-t95-quick"
+    assert q.name == "mnist-momentum-constant-t95-val10000-quick"
     cos = script.StudySettings(lr_schedule="warmup_cosine", warmup_epochs=1, max_epochs=5,
-                               target_accuracy=0.98, platforms=("cpu",))  # fmt: skip
+                               target_accuracy=0.98, platforms=("cpu",),
+                               target_split="test")  # fmt: skip
     assert not cos.prunable and cos.tag == "mnist-sgd-warmup_cosine-t98-w1-e5"
     with pytest.raises(bpjax.ConfigError, match="--batches"):
         script.StudySettings(batches=(1, 64), platforms=("cpu",))
@@ -192,7 +198,9 @@ def test_settings_refuse_a_batch_larger_than_the_training_examples(script):
     assert str(e.value) == ("--batches: 512 is larger than --train_examples=256: an epoch would"
                             " have no step")  # fmt: skip
     with pytest.raises(bpjax.ConfigError, match="is more than the 60000 training images"):
-        script.StudySettings(train_examples=60001, platforms=("cpu",))
+        script.StudySettings(train_examples=60001, platforms=("cpu",), target_split="test")
+    with pytest.raises(bpjax.ConfigError, match="more than the 50000 training images left"):
+        script.StudySettings(train_examples=50001, platforms=("cpu",))
     assert script.StudySettings(batches=(256,), train_examples=256, platforms=("cpu",))
 
 
@@ -265,6 +273,7 @@ def test_a_torn_trial_record_reruns_that_trial_to_the_same_outcome(script, tmp_p
                         lambda *a, **k: dataclasses.replace(small(*a, **k), hidden=(16,)))
     s = script.StudySettings(batches=(16,), lrs_per_batch=1, train_examples=64, max_epochs=1,
                              evals_per_epoch=2, target_accuracy=0.99, platforms=("cpu",),
+                             validation_examples=16,
                              runs_dir=str(tmp_path / "runs"))  # fmt: skip
     grid, data = script.study_grid(s)[0], _toy_dataset()
 
@@ -300,7 +309,7 @@ def test_script_end_to_end_writes_files_and_skips_finished_trials(tmp_path):
     first = _study(tmp_path)
     lines = [line for line in first.stdout.splitlines() if line.startswith("[")]
     assert len(lines) == 4 and "ETA" in lines[0] and "finished before" not in first.stdout
-    name = "mnist-sgd-constant-t60-n1024"
+    name = "mnist-sgd-constant-t60-val10000-n1024"  # targets on the validation hold-out
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {
         f"{name}{end}" for end in (".json", ".csv", "_steps.png", "_seconds.png", "_b_simple.png")
@@ -311,6 +320,7 @@ def test_script_end_to_end_writes_files_and_skips_finished_trials(tmp_path):
         (64, pytest.approx(0.15)), (64, pytest.approx(0.3)), (256, pytest.approx(0.3)),
         (256, pytest.approx(0.6))]  # fmt: skip
     assert all(r["status"] in ("reached", "budget", "diverged") for r in rows)
+    assert all(r["target_split"] == "validation" for r in rows)
     first = {r["batch"]: r for r in rows if r["pruned"] == "False"}  # the grid's centre
     pruned = [r for r in rows if r["pruned"] == "True"]  # cut to the epochs of its hit
     assert len(first) == 2 and len(pruned) == 2, rows

@@ -630,6 +630,17 @@ def test_wrong_shapes_raise_value_error():
                 pytest.fail(f"{fn.__name__}: {case} was accepted")
 
 
+def test_integer_labels_where_one_hot_rows_are_expected_name_jax_nn_one_hot():
+    net = bpjax.Net.mlp((4, 3, 2))
+    params = bpjax.init_params(jax.random.key(0), net)
+    labels = jnp.array([0, 1, 1])
+    for fn in (bpjax.loss_fn, bpjax.manual_grad):
+        with pytest.raises(ValueError, match=r"jax\.nn\.one_hot\(y, 2\)"):
+            fn(net, params, jnp.ones((3, 4)), labels)
+    # the suggested fix is the right one
+    bpjax.manual_grad(net, params, jnp.ones((3, 4)), jax.nn.one_hot(labels, 2))
+
+
 def test_init_params_rejects_bad_sizes():
     for sizes in ((3,), (3, 0, 2), ()):
         with pytest.raises(ValueError, match="sizes"):

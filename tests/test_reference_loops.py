@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numpy_reference import numpy_metrics, toy_dataset
 
 import bpjax
 from bpjax.config import Config
@@ -38,36 +39,12 @@ STEPS = N_TRAIN // BATCH
 RTOL, ATOL = 1e-10, 1e-12
 
 
-def toy_dataset(n_train=N_TRAIN, n_test=40, d=7, k=3, seed=0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(k, d)) * 1.5
-    y = rng.integers(0, k, n_train + n_test).astype(np.int32)
-    x = centers[y] + rng.normal(size=(n_train + n_test, d))
-    return Dataset("toy", x[:n_train], y[:n_train], x[n_train:], y[n_train:], k)
-
-
-TOY = toy_dataset()
+TOY = toy_dataset(N_TRAIN)
 
 
 # ------------------------------------------------------------------- the reference
 
 
-def numpy_logits(params, x):
-    """The ReLU MLP's output in NumPy."""
-    a = np.asarray(x, np.float64)
-    for l, p in enumerate(params):
-        a = a @ np.asarray(p["W"]).T + np.asarray(p["b"])
-        if l < len(params) - 1:
-            a = np.maximum(a, 0)
-    return a
-
-
-def numpy_metrics(params, x, labels):
-    """Mean softmax cross-entropy and accuracy."""
-    z = numpy_logits(params, x)
-    z = z - z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return -np.mean(log_p[np.arange(len(labels)), labels]), np.mean(z.argmax(axis=1) == labels)
 
 
 def _mean_loss(params, x, y):

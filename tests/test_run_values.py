@@ -24,10 +24,10 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
+from numpy_reference import numpy_metrics, toy_dataset
 
 import bpjax
 from bpjax.config import Config
-from bpjax.data import Dataset
 from bpjax.errors import ConfigError, TrainingError
 from bpjax.evaluation import all_finite, check_health, interval_record, target_reached
 from bpjax.interrupt import Stop, graceful_stop
@@ -40,27 +40,9 @@ BASE = dict(dataset="mnist", hidden=(5,), batch=BATCH, dtype="float64", lr=0.3,
 EDIT_TRAIN_S, EDIT_ELAPSED_S = 500.0, 1000.0  # added to the last record before the resume
 
 
-def toy_dataset(n_train=N_TRAIN, n_test=40, d=7, k=3, seed=0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(k, d)) * 1.5
-    y = rng.integers(0, k, n_train + n_test).astype(np.int32)
-    x = centers[y] + rng.normal(size=(n_train + n_test, d))
-    return Dataset("toy", x[:n_train], y[:n_train], x[n_train:], y[n_train:], k)
+TOY = toy_dataset(N_TRAIN)
 
 
-TOY = toy_dataset()
-
-
-def numpy_metrics(params, x, labels):
-    """Mean softmax cross-entropy and accuracy of the ReLU MLP, in NumPy."""
-    a = np.asarray(x, np.float64)
-    for l, p in enumerate(params):
-        a = a @ np.asarray(p["W"]).T + np.asarray(p["b"])
-        if l < len(params) - 1:
-            a = np.maximum(a, 0)
-    z = a - a.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return -np.mean(log_p[np.arange(len(labels)), labels]), np.mean(z.argmax(axis=1) == labels)
 
 
 def _sentinel_int(signum, frame):  # handlers a caller had before train: must come back
@@ -469,7 +451,7 @@ def test_graceful_stop_off_the_main_thread_installs_nothing(caller_handlers):
 RESUMABLE = {"epochs", "data_dir", "workdir", "platform", "resume", "checkpoint_every",
              "keep_checkpoints", "eval_every_steps", "target_accuracy", "target_loss",
              "noise_scale", "divergence_factor", "num_devices", "parallel", "num_processes",
-             "accept_rule_change"}
+             "accept_rule_change", "accept_data_change", "target_split"}
 # Another valid value of every field (with what it needs beside it).
 OTHER = {"method": dict(method="autodiff"), "feedback": dict(feedback="fa"),
          "feedback_scale": dict(feedback_scale=True, feedback="usf"),
@@ -482,6 +464,10 @@ OTHER = {"method": dict(method="autodiff"), "feedback": dict(feedback="fa"),
          "optimizer": dict(optimizer="adam"), "momentum": dict(momentum=0.5),
          "hidden": dict(hidden=(7, 3)), "activation": dict(activation="tanh"),
          "loss": dict(loss="squared_error"), "dataset": dict(dataset="fashion_mnist"),
+         "label_column": dict(label_column="y", dataset="csv:a.csv,b.csv"),
+         "standardize": dict(standardize=True), "validation_examples": dict(validation_examples=9),
+         "target_split": dict(target_split="validation", validation_examples=9),
+         "accept_data_change": dict(accept_data_change=True), "data_shape": dict(data_shape=(4, 2)),
          "data_dir": dict(data_dir="/somewhere"), "workdir": dict(workdir="/w"),
          "seed": dict(seed=3), "dtype": dict(dtype="float64"),
          "matmul_precision": dict(matmul_precision="highest"), "platform": dict(platform="cpu"),

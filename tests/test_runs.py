@@ -241,3 +241,12 @@ def test_out_of_memory_is_one_line_saying_what_to_lower(tmp_path):
 )
 def test_a_backend_jax_cannot_start_is_one_line(flag, message):
     assert message in one_error_line(launch(flag, "--epochs=1", timeout=120))
+
+
+def test_a_run_read_back_gives_the_network_its_params_belong_to():
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "run_before_open_backward")
+    run = bpjax.load_run(fixture)
+    assert bpjax.layer_sizes(run.params) == run.sizes == (6, 8, 3)
+    assert run.net == bpjax.Net.mlp(run.sizes, run.config.activation, run.config.loss)
+    logits = bpjax.predict(run.net, run.params, np.zeros((5, 6), run.params[0]["W"].dtype))
+    assert logits.shape == (5, 3)

@@ -304,7 +304,8 @@ def fixed_run(tmp_path_factory):
 def plain_run(tmp_path_factory):
     """A finished 1-epoch run whose every resumable setting can change alone."""
     workdir = tmp_path_factory.mktemp("plain") / "run"
-    config = Config(hidden=(8,), batch=16, epochs=1, workdir=str(workdir))
+    config = Config(hidden=(8,), batch=16, epochs=1, workdir=str(workdir),
+                    validation_examples=16)  # so that --target_split=validation can be set
     bpjax.train(config, dataset=TOY, log=None)
     return config
 
@@ -316,6 +317,8 @@ def changed(config: Config, name: str) -> Config:
         candidates = [0]  # all devices: on a one-device machine the same device
     elif name == "feedback":  # a name, or an import path: the built-in rules
         candidates = [r for r in bpjax.FEEDBACK_RULES if r != value]
+    elif name == "dataset":  # a name, or a file (npz:PATH, ...): the built-in datasets
+        candidates = [d for d in bpjax.data.DATASETS if d != value]
     elif FIELDS[name].metadata.get("choices"):
         candidates = [c for c in FIELDS[name].metadata["choices"] if c != value]
     elif base is bool:
@@ -336,7 +339,8 @@ def changed(config: Config, name: str) -> Config:
     raise AssertionError(f"no other valid value of --{name} from {candidates}: extend changed()")
 
 
-FIXED = [n for n, f in FIELDS.items() if not f.metadata["resumable"]] + ["epochs"]  # cosine
+FIXED = [n for n, f in FIELDS.items() if not f.metadata["resumable"]  # data_shape: derived,
+         and n != "data_shape"] + ["epochs"]  # cosine; (test_userdata checks it on resume)
 
 
 @pytest.mark.parametrize("name", FIXED)

@@ -7,6 +7,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from numpy_reference import numpy_metrics
 
 from bpjax.checkpoint import checkpoint_manager, restore_latest
 from bpjax.config import Config
@@ -179,21 +180,6 @@ def test_float64_run_does_not_leak_x64(tmp_path):
 TOY90 = toy_dataset(n_train=90)  # 90 = 5 x 16 + 10: ten samples sit out every epoch
 
 
-def numpy_forward(params, x):
-    """ReLU MLP logits in NumPy: no bpjax code involved."""
-    a = np.asarray(x, np.float64)
-    for l, p in enumerate(params):
-        a = a @ np.asarray(p["W"]).T + np.asarray(p["b"])
-        if l < len(params) - 1:
-            a = np.maximum(a, 0)
-    return a
-
-
-def numpy_metrics(params, x, labels):
-    z = numpy_forward(params, x)
-    z = z - z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return -np.mean(log_p[np.arange(len(labels)), labels]), np.mean(z.argmax(axis=1) == labels)
 
 
 def reference_run(data, *, epochs, batch, lr, seed=0, dp_clip=None, dp_noise=0.0, noise=None):
