@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from bpjax.arraycheck import checked_fields, sha256_arrays
 from bpjax.errors import DataError
 from bpjax.files import write_atomic
 from bpjax.idx import IDX_FILES, read_idx, read_idx_dir, write_idx
@@ -153,16 +154,14 @@ class Dataset:
     @classmethod
     def from_arrays(cls, x_train: Any, y_train: Any, x_test: Any, y_test: Any, *,
                     name: str = "arrays", num_classes: int | None = None) -> Dataset:  # fmt: skip
-        """Your own arrays, checked as files are (``bpjax.userdata``), ready for ``train``.
+        """Your own arrays, checked as files are (``bpjax.arraycheck``), ready for ``train``.
 
         ``x``: one example a row (images ``(N, H, W, C)`` are flattened), uint8 (scaled
         by 1/255) or float (as given); ``y``: integer labels ``(N,)`` in ``[0, classes)``
         or float targets ``(N,)`` / ``(N, k)``. Raises DataError (one line) for a fault.
         """
-        from bpjax.userdata import arrays_dataset  # it imports this module
-
-        return arrays_dataset(x_train, y_train, x_test, y_test, name=name,
-                              num_classes=num_classes)  # fmt: skip
+        return cls(**checked_fields(x_train, y_train, x_test, y_test, name=name,
+                                    num_classes=num_classes))  # fmt: skip
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -328,16 +327,6 @@ def _image_dataset(name: str, arrays: Mapping[str, np.ndarray]) -> Dataset:
         num_classes=_NUM_CLASSES,
     )
     return dataclasses.replace(data, record=builtin_record(data))
-
-
-def sha256_arrays(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over each array's name, dtype and shape, then its C-contiguous bytes."""
-    h = hashlib.sha256()
-    for key, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        h.update(f"{key} {a.dtype.str} {a.shape}\n".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
 
 
 def builtin_record(data: Dataset, seed: int | None = None) -> dict[str, Any]:

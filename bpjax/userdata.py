@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from bpjax.data import DATASETS, Dataset, dataset_shape, sha256_arrays
+from bpjax.arraycheck import KEYS, checked_fields
+from bpjax.data import DATASETS, Dataset, dataset_shape
 from bpjax.errors import ConfigError, DataError
 from bpjax.idx import IDX_FILES, find_idx, read_idx
 
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 FILE_KINDS = ("npz", "csv", "idx")
-KEYS = ("x_train", "y_train", "x_test", "y_test")
 FORMS = "npz:PATH, csv:TRAIN,TEST or idx:DIR"
 
 
@@ -101,93 +101,9 @@ def load_file(spec: str, *, label_column: str | None = None) -> Dataset:
 def arrays_dataset(x_train: Any, y_train: Any, x_test: Any, y_test: Any, *, name: str,
                    num_classes: int | None = None,
                    origin: Mapping[str, Any] | None = None) -> Dataset:  # fmt: skip
-    """Checks raw arrays (see the module docstring) and makes them a :class:`Dataset`.
-
-    The record's ``sha256`` is of the arrays as given, before any scaling: the same
-    bytes give the same hash whichever file or call they came from.
-    """
-    arrays = {k: np.asarray(v) for k, v in zip(KEYS, (x_train, y_train, x_test, y_test),
-                                                strict=True)}  # fmt: skip
-    classes = _check(arrays, name, num_classes)
-    x_tr, x_te = (_inputs(arrays[k]) for k in ("x_train", "x_test"))
-    y_tr, y_te = (_targets(arrays[k], classes) for k in ("y_train", "y_test"))
-    record = {"dataset": name, **(origin or {"origin": "arrays given in Python"}),
-              "sha256": sha256_arrays(arrays),
-              "shapes": {k: list(a.shape) for k, a in arrays.items()},
-              "dtypes": {k: a.dtype.name for k, a in arrays.items()}, "classes": classes,
-              "scaling": "uint8 / 255" if arrays["x_train"].dtype == np.uint8 else "as given"}
-    return Dataset(name, x_tr, y_tr, x_te, y_te, classes, record=record)  # fmt: skip
-
-
-# ----------------------------------------------------------------------- checks
-
-
-def _check(arrays: Mapping[str, np.ndarray], where: str, num_classes: int | None) -> int | None:
-    """Raises DataError for any fault of the module docstring; returns the classes (or None)."""
-    for key, a in arrays.items():
-        kind = a.dtype.kind
-        if key[0] == "x" and not (a.dtype == np.uint8 or kind == "f"):
-            raise DataError(f"{where}: {key} has dtype {a.dtype}: expected uint8 (images,"
-                            " scaled by 1/255) or a float dtype (used as given)")  # fmt: skip
-        if key[0] == "y" and kind not in "iuf":
-            raise DataError(f"{where}: {key} has dtype {a.dtype}: expected integer class labels"
-                            " or float regression targets")  # fmt: skip
-        if a.ndim == 0 or a.size == 0:
-            raise DataError(f"{where}: {key} is empty (shape {a.shape}): each split needs at"
-                            " least one example with at least one value")  # fmt: skip
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if len(x) != len(y):
-            raise DataError(f"{where}: x_{split} has {len(x)} examples but y_{split} has"
-                            f" {len(y)}: one label (or target row) per example")  # fmt: skip
-    (xa, ya), (xb, yb) = ((arrays[f"x_{s}"], arrays[f"y_{s}"]) for s in ("train", "test"))
-    if xa.shape[1:] != xb.shape[1:] or ya.shape[1:] != yb.shape[1:]:
-        raise DataError(f"{where}: the splits differ in shape: x_train {xa.shape}, y_train"
-                        f" {ya.shape}, x_test {xb.shape}, y_test {yb.shape}")  # fmt: skip
-    if (ya.dtype.kind == "f") != (yb.dtype.kind == "f"):
-        raise DataError(f"{where}: y_train is {ya.dtype} but y_test {yb.dtype}: both integer"
-                        " class labels or both float targets")  # fmt: skip
-    for key, a in arrays.items():
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            rows = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
-            raise DataError(f"{where}: {key} has NaN or infinite values in {len(rows)} rows"
-                            f" (the first: row {rows[0]}): remove or impute them")  # fmt: skip
-    return None if ya.dtype.kind == "f" else _classes(ya, yb, where, num_classes)
-
-
-def _classes(y_train: np.ndarray, y_test: np.ndarray, where: str, given: int | None) -> int:
-    """The number of classes: ``given``, else the largest label plus one; labels checked."""
-    for key, y in (("y_train", y_train), ("y_test", y_test)):
-        if y.ndim != 1:
-            raise DataError(f"{where}: {key} has shape {y.shape}: integer class labels are one"
-                            " per example, (N,); float targets may be (N, k)")  # fmt: skip
-    top = max(int(y_train.max()), int(y_test.max()))
-    classes = top + 1 if given is None else int(given)
-    for key, y in (("y_train", y_train), ("y_test", y_test)):
-        bad = np.flatnonzero((y < 0) | (y >= classes))
-        if len(bad):
-            raise DataError(f"{where}: {key} has labels outside [0, {classes}): {y[bad[0]]} at"
-                            f" row {bad[0]} ({len(bad)} such rows)")  # fmt: skip
-    return classes
-
-
-def _inputs(x: np.ndarray) -> np.ndarray:
-    """``(N, d)``: uint8 scaled by 1/255 in one pass (float32), floats as given."""
-    flat = x.reshape(len(x), -1)
-    if x.dtype == np.uint8:
-        return np.divide(flat, np.float32(255.0), dtype=np.float32)
-    return _float(flat)
-
-
-def _targets(y: np.ndarray, classes: int | None) -> np.ndarray:
-    if classes is not None:
-        return y.astype(np.int32, copy=False)
-    return _float(y.reshape(len(y), -1))
-
-
-def _float(a: np.ndarray) -> np.ndarray:
-    """float32 and float64 kept as given (a float64 run computes on the exact values)."""
-    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)
+    """The checked arrays (``bpjax.arraycheck``) as a :class:`Dataset`, ``origin`` recorded."""
+    return Dataset(**checked_fields(x_train, y_train, x_test, y_test, name=name,
+                                    num_classes=num_classes, origin=origin))  # fmt: skip
 
 
 # ----------------------------------------------------------------------- files
